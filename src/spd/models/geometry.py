@@ -1,0 +1,129 @@
+"""Coordinate conventions (DESIGN.md §2), in one place.
+
+A query is `(u, v)` = (column, row) in pixels of the image as the user gave it, integer values at
+pixel centres. Images are padded bottom/right to a multiple of 32 inside the model; coordinates do
+not change. Every feature level of stride `s` covers the padded image exactly, so cell `j` spans
+pixels `[s*j, s*j + s)` and the normalised `grid_sample` coordinate (align_corners=False) of a
+query is the same at every level: `x_n = (2u + 1) / W_pad - 1`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PAD_MULTIPLE = 32
+
+
+def padded_size(height: int, width: int, multiple: int = PAD_MULTIPLE) -> tuple[int, int]:
+    """Smallest (H, W) >= the input whose sides are multiples of `multiple`."""
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def pad_image(images: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
+    """Zero-pads (B, C, H, W) bottom/right to multiples of `multiple` (zero = the normalised mean)."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = padded_size(height, width, multiple)
+    if (pad_h, pad_w) == (height, width):
+        return images
+    return F.pad(images, (0, pad_w - width, 0, pad_h - height))
+
+
+def pixel_to_grid(queries: torch.Tensor, padded_hw: tuple[int, int]) -> torch.Tensor:
+    """Pixel (u, v) -> normalised grid_sample coordinates on any level of the padded image.
+
+    Shape:
+        queries: (..., 2) pixels, xy order. Returns (..., 2) in [-1, 1] for points inside.
+    """
+    height, width = padded_hw
+    scale = queries.new_tensor([2.0 / width, 2.0 / height])
+    return (2.0 * queries + 1.0) * (scale / 2.0) - 1.0
+
+
+def sample_at(feature: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of a map at normalised points, zeros outside.
+
+    Shape:
+        feature: (B, C, h, w); grid: (B, K, 2) normalised. Returns (B, K, C).
+    """
+    sampled = F.grid_sample(feature, grid.unsqueeze(2), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return sampled.squeeze(3).transpose(1, 2)  # (B, C, K, 1) -> (B, K, C)
+
+
+def bilinear_splat(
+    values: torch.Tensor, grid: torch.Tensor, weights_mask: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adjoint of `sample_at`: scatters per-query values into a map with bilinear weights.
+
+    The four cells around each point receive `beta * value`, with the same weights `beta` that
+    bilinear sampling at that point would use (align_corners=False); cells outside the map are
+    dropped, and queries whose mask is False write nothing.
+
+    Shape:
+        values: (B, K, C); grid: (B, K, 2) normalised; weights_mask: (B, K) bool; size: (h, w).
+        Returns (weighted_sum (B, C, h, w), weight_sum (B, 1, h, w)).
+    """
+    batch, num_queries, channels = values.shape
+    height, width = size
+    # Continuous cell coordinates: cell centres at integers.
+    x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0  # (B, K)
+    y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    live = weights_mask.to(values.dtype)
+
+    flat_values = values.new_zeros(batch, height * width, channels)
+    flat_weights = values.new_zeros(batch, height * width, 1)
+    for dx, dy, beta in (
+        (0, 0, (1 - fx) * (1 - fy)),
+        (1, 0, fx * (1 - fy)),
+        (0, 1, (1 - fx) * fy),
+        (1, 1, fx * fy),
+    ):
+        cx, cy = x0 + dx, y0 + dy
+        inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+        beta = beta * live * inside.to(values.dtype)  # (B, K)
+        index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).unsqueeze(-1)  # (B, K, 1)
+        flat_values = flat_values.scatter_add(1, index.expand(-1, -1, channels), values * beta.unsqueeze(-1))
+        flat_weights = flat_weights.scatter_add(1, index, beta.unsqueeze(-1))
+    weighted_sum = flat_values.transpose(1, 2).reshape(batch, channels, height, width)
+    weight_sum = flat_weights.transpose(1, 2).reshape(batch, 1, height, width)
+    return weighted_sum, weight_sum
+
+
+def validate_queries(
+    queries: torch.Tensor, image_hw: tuple[int, int], mask: torch.Tensor | None, batch: int
+) -> torch.Tensor:
+    """Checks user queries and returns the (B, K) bool mask of real queries.
+
+    Valid real queries are finite and lie on the image: -0.5 <= u <= W - 0.5 and
+    -0.5 <= v <= H - 0.5 (the area covered by the pixels under the pixel-centre convention).
+    Masked (padding) queries are not checked. Raises ValueError naming the first offending index.
+    """
+    if queries.dim() != 3 or queries.shape[-1] != 2:
+        raise ValueError(f"queries must have shape (B, K, 2) in pixel (u, v); got {tuple(queries.shape)}")
+    if queries.shape[0] != batch:
+        raise ValueError(f"queries hold {queries.shape[0]} images but the features hold {batch}")
+    if not queries.is_floating_point():
+        raise ValueError(f"queries must be a floating-point tensor; got {queries.dtype}")
+    if mask is None:
+        mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
+    elif mask.shape != queries.shape[:2] or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(queries.shape[:2])}; got {mask.dtype} {tuple(mask.shape)}"
+        )
+    height, width = image_hw
+    u, v = queries[..., 0], queries[..., 1]
+    bad_nan = ~torch.isfinite(queries).all(-1) & mask
+    if bad_nan.any():
+        b, k = (int(i) for i in bad_nan.nonzero()[0])
+        raise ValueError(f"query (b={b}, k={k}) is not finite: {queries[b, k].tolist()}")
+    outside = ((u < -0.5) | (u > width - 0.5) | (v < -0.5) | (v > height - 0.5)) & mask
+    if outside.any():
+        b, k = (int(i) for i in outside.nonzero()[0])
+        raise ValueError(
+            f"query (b={b}, k={k}) = (u={u[b, k].item():.3f}, v={v[b, k].item():.3f}) is outside the "
+            f"{width}x{height} image (valid: -0.5 <= u <= {width - 0.5}, -0.5 <= v <= {height - 0.5})"
+        )
+    return mask

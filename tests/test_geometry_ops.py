@@ -1,0 +1,118 @@
+"""Coordinate convention, MSDA against a plain reference, LDRM alignment and fast path (issue 2)."""
+
+import pytest
+import torch
+
+from spd.models.geometry import bilinear_splat, padded_size, pixel_to_grid, sample_at
+from spd.models.ldrm import LocalRefinement, _upsample2
+from spd.models.msda import MSDeformableAttention, msda_aggregate_reference
+
+
+@pytest.mark.parametrize("stride", [4, 8, 16, 32])
+def test_query_reads_the_cell_under_its_pixel(stride):
+    height, width = 70, 101  # odd sizes: padded to 96 x 128 inside the model
+    pad_h, pad_w = padded_size(height, width)
+    cells_h, cells_w = pad_h // stride, pad_w // stride
+    # A map whose value is the cell's own column / row index.
+    cols = torch.arange(cells_w, dtype=torch.float64).expand(cells_h, cells_w)
+    rows = torch.arange(cells_h, dtype=torch.float64)[:, None].expand(cells_h, cells_w)
+    feature = torch.stack([cols, rows])[None]  # (1, 2, h, w)
+    u, v = torch.meshgrid(torch.arange(width, dtype=torch.float64), torch.arange(height, dtype=torch.float64), indexing="xy")
+    queries = torch.stack([u.flatten(), v.flatten()], -1)[None]  # every pixel of the image
+    sampled = sample_at(feature, pixel_to_grid(queries, (pad_h, pad_w)))[0]
+    # Bilinear sampling of a linear ramp is exact: the continuous cell coordinate of pixel u.
+    expected = (queries[0] + 0.5) / stride - 0.5
+    interior = (expected >= 0).all(-1) & (expected[:, 0] <= cells_w - 1) & (expected[:, 1] <= cells_h - 1)
+    torch.testing.assert_close(sampled[interior], expected[interior])
+    # ... and the nearest cell centre is the cell under the pixel.
+    torch.testing.assert_close(sampled[interior].round(), torch.floor(queries[0][interior] / stride))
+
+
+def test_splat_is_the_adjoint_of_sampling():
+    feature = torch.randn(2, 5, 6, 9, dtype=torch.float64)
+    grid = torch.rand(2, 11, 2, dtype=torch.float64) * 2.4 - 1.2  # some points outside
+    values = torch.randn(2, 11, 5, dtype=torch.float64)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, 3] = False
+    weighted, _ = bilinear_splat(values, grid, mask, (6, 9))
+    # <splat(values), feature> == <values, sample(feature)> over the real queries.
+    lhs = (weighted * feature).sum()
+    rhs = (values * sample_at(feature, grid) * mask[..., None]).sum()
+    torch.testing.assert_close(lhs, rhs)
+
+
+def _msda(order: str) -> MSDeformableAttention:
+    torch.manual_seed(0)
+    module = MSDeformableAttention(
+        d_model=64, n_heads=2, level_dims=(64, 64, 48, 80), n_points=4, projected_levels=(2, 3), value_proj_order=order
+    ).double()
+    with torch.no_grad():  # random offsets/weights so that the test sees real deformable sampling
+        module.sampling_offsets.weight.normal_(0, 0.5)
+        module.attention_weights.weight.normal_(0, 0.5)
+    return module
+
+
+@pytest.mark.parametrize("order", ["project_first", "sample_first", "auto"])
+def test_msda_matches_per_level_grid_sample_reference(order):
+    module = _msda(order)
+    maps = [torch.randn(2, c, h, w, dtype=torch.float64) for c, (h, w) in zip((64, 64, 48, 80), [(16, 24), (8, 12), (4, 6), (2, 3)])]
+    h = torch.randn(2, 13, 64, dtype=torch.float64)
+    grid = torch.rand(2, 13, 2, dtype=torch.float64) * 2 - 1
+    locations, weights = module.sampling(h, grid, [m.shape[-2:] for m in maps])
+    torch.testing.assert_close(
+        module.aggregate(maps, locations, weights), msda_aggregate_reference(module, maps, locations, weights)
+    )
+
+
+def test_msda_value_projection_orders_agree_and_gradcheck():
+    first, second = _msda("project_first"), _msda("sample_first")
+    maps = [torch.randn(1, c, h, w, dtype=torch.float64) for c, (h, w) in zip((64, 64, 48, 80), [(8, 8), (4, 4), (2, 2), (1, 1)])]
+    h = torch.randn(1, 5, 64, dtype=torch.float64)
+    grid = torch.rand(1, 5, 2, dtype=torch.float64) * 2 - 1
+    torch.testing.assert_close(first(h, grid, maps), second(h, grid, maps))
+    level3 = maps[2].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda m: second(h, grid, [maps[0], maps[1], m, maps[3]]), (level3,))
+
+
+def _ramp_l1(cells_h: int, cells_w: int) -> torch.Tensor:
+    """An L1 map whose two channels are the pixel x and y of each cell's centre."""
+    x = torch.arange(cells_w, dtype=torch.float64) * 4 + 1.5
+    y = torch.arange(cells_h, dtype=torch.float64) * 4 + 1.5
+    return torch.stack([x.expand(cells_h, cells_w), y[:, None].expand(cells_h, cells_w)])[None]
+
+
+def test_ldrm_feat28_pixel_alignment():
+    ldrm = LocalRefinement(in_dim=2, mid_dim=4, out_dim=4, patch=7).double()
+    l1 = _ramp_l1(30, 40)  # a 120 x 160 image
+    queries = torch.tensor([[[50.0, 60.0], [61.3, 47.9], [80.7, 70.2], [63.99, 52.0]]], dtype=torch.float64)
+    origin = ldrm.patch_origin(queries)  # (c0, r0) in cells
+    patches = ldrm.gather_patches(l1, origin, 7)
+    up = _upsample2(_upsample2(patches))  # the two bilinear x2 steps of LDRM: (K, 2, 28, 28)
+    i = torch.arange(28, dtype=torch.float64)
+    for k in range(queries.shape[1]):
+        c0, r0 = origin[0, k].tolist()
+        expected_x = (4 * c0 + i).expand(28, 28)
+        expected_y = (4 * r0 + i)[:, None].expand(28, 28)
+        torch.testing.assert_close(up[k, 0, 3:25, 3:25], expected_x[3:25, 3:25])
+        torch.testing.assert_close(up[k, 1, 3:25, 3:25], expected_y[3:25, 3:25])
+    # The query sits inside the patch's central cell: offset (u mod 4) + 12.
+    offset = queries[0] - 4 * origin[0].double()
+    torch.testing.assert_close(offset, torch.remainder(queries[0], 4) + 12)
+
+
+@pytest.mark.parametrize("patch", [5, 7, 9])
+def test_ldrm_fast_path_matches_full_patch(patch):
+    torch.manual_seed(0)
+    ldrm = LocalRefinement(in_dim=8, mid_dim=6, out_dim=5, patch=patch).double()
+    l1 = torch.randn(2, 8, 12, 16, dtype=torch.float64)  # a 48 x 64 image
+    queries = torch.rand(2, 40, 2, dtype=torch.float64) * torch.tensor([64.0, 48.0]) - 0.5  # borders too
+    full, _ = ldrm(l1, queries, fast=False)
+    fast, _ = ldrm(l1, queries, fast=True)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-10)
+
+
+def test_ldrm_gather_zeros_outside_the_map():
+    ldrm = LocalRefinement(in_dim=1, mid_dim=2, out_dim=2, patch=7)
+    l1 = torch.ones(1, 1, 4, 4)
+    patches = ldrm.gather_patches(l1, ldrm.patch_origin(torch.tensor([[[0.0, 0.0]]])), 7)
+    assert patches[0, 0, 3:, 3:].eq(1).all() and patches[0, 0, :3].eq(0).all() and patches[0, 0, :, :3].eq(0).all()

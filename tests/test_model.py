@@ -1,0 +1,182 @@
+"""The v15 model: shapes, gradients, masking, order independence, bad input (issue 2)."""
+
+import warnings
+
+import pytest
+import timm
+import torch
+
+import spd
+from conftest import random_queries
+
+
+@pytest.mark.parametrize("k", [1, 256, 4096])
+@pytest.mark.parametrize("hw", [(65, 97), (96, 128)])
+def test_output_shapes(tiny_model, k, hw):
+    height, width = hw
+    images = torch.randn(2, 3, height, width)
+    queries = random_queries(2, k, height, width)
+    with torch.no_grad():
+        depth = tiny_model(images, queries)
+    assert depth.shape == (2, k)
+    assert torch.isfinite(depth).all() and (depth > 0).all()
+
+
+def test_aux_output_shapes(tiny_model):
+    images = torch.randn(2, 3, 65, 97)
+    queries = random_queries(2, 7, 65, 97)
+    with torch.no_grad():
+        out = tiny_model(images, queries, return_aux=True)
+    assert out["depth"].shape == (2, 7)
+    assert out["canvas_depth"].shape == (2, 1, 17, 25)  # ceil(65/4), ceil(97/4)
+    assert out["ldrm_patch_depth"].shape == (2, 7, 28, 28)
+
+
+def test_every_parameter_gets_a_gradient():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = spd.build_model("v15-tiny")
+    images = torch.randn(2, 3, 64, 96)
+    queries = random_queries(2, 16, 64, 96)
+
+    def backward() -> None:
+        out = model(images, queries, return_aux=True)
+        terms = (out["depth"], out["canvas_depth"], out["ldrm_patch_depth"])
+        sum(t.log().square().mean() for t in terms).backward()
+
+    # Deformable-DETR initialisation zeroes the offset/weight projections, so the MSDA input
+    # norms see no gradient before the first update: take one step, then check every parameter.
+    backward()
+    torch.optim.SGD(model.parameters(), lr=1e-2).step()
+    model.zero_grad()
+    backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not (p.grad != 0).any()]
+    assert not missing, f"parameters without a non-zero gradient: {missing}"
+
+
+def test_padded_queries_change_no_real_query(tiny_model):
+    images = torch.randn(2, 3, 64, 96)
+    real = random_queries(2, 10, 64, 96)
+    junk = random_queries(2, 6, 64, 96)
+    junk[0, 0] = float("nan")  # padding may hold anything
+    junk[1, 1] = 1e6
+    queries = torch.cat([real, junk], dim=1)
+    mask = torch.cat([torch.ones(2, 10, dtype=torch.bool), torch.zeros(2, 6, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        alone = tiny_model(images, real)
+        padded = tiny_model(images, queries, mask)
+    assert torch.allclose(padded[:, :10], alone, atol=1e-6, rtol=0)
+    assert (padded[:, 10:] == 0).all()
+
+
+def test_depth_does_not_depend_on_query_order(tiny_model):
+    images = torch.randn(1, 3, 64, 96)
+    queries = random_queries(1, 50, 64, 96)
+    perm = torch.randperm(50)
+    with torch.no_grad():
+        depth = tiny_model(images, queries)
+        permuted = tiny_model(images, queries[:, perm])
+    torch.testing.assert_close(permuted, depth[:, perm], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_elements_are_independent(tiny_model):
+    images = torch.randn(2, 3, 64, 96)
+    queries = random_queries(2, 20, 64, 96)
+    with torch.no_grad():
+        together = tiny_model(images, queries)
+        first = tiny_model(images[:1], queries[:1])
+        changed = images.clone()
+        changed[1] = torch.randn(3, 64, 96)
+        other = tiny_model(changed, queries)
+    torch.testing.assert_close(together[:1], first, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(other[0], together[0], rtol=1e-5, atol=1e-6)
+
+
+def test_encode_once_decode_many_equals_forward(tiny_model):
+    images = torch.randn(1, 3, 64, 96)
+    queries = random_queries(1, 12, 64, 96)
+    with torch.no_grad():
+        features = tiny_model.encode(images)
+        torch.testing.assert_close(tiny_model.decode(features, queries), tiny_model(images, queries))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda q: q.index_put_((torch.tensor(0), torch.tensor(3)), torch.tensor([float("nan"), 1.0])), "k=3"),
+        (lambda q: q.index_put_((torch.tensor(1), torch.tensor(5)), torch.tensor([96.0, 1.0])), "k=5"),
+        (lambda q: q.index_put_((torch.tensor(1), torch.tensor(2)), torch.tensor([3.0, -0.6])), "k=2"),
+        (lambda q: q[..., :1], "shape"),
+        (lambda q: q[0], "shape"),
+    ],
+)
+def test_bad_queries_raise_value_error(tiny_model, bad, message):
+    images = torch.randn(2, 3, 64, 96)
+    queries = bad(random_queries(2, 8, 64, 96))
+    with pytest.raises(ValueError, match=message):
+        tiny_model(images, queries)
+
+
+def test_border_queries_are_accepted(tiny_model):
+    images = torch.randn(1, 3, 64, 96)
+    corners = torch.tensor([[[0.0, 0.0], [95.0, 63.0], [-0.5, -0.5], [95.5, 63.5], [0.0, 63.0]]])
+    with torch.no_grad():
+        depth = tiny_model(images, corners)
+    assert torch.isfinite(depth).all()
+
+
+def test_empty_query_set_returns_empty(tiny_model):
+    with torch.no_grad():
+        depth = tiny_model(torch.randn(3, 3, 64, 96), torch.zeros(3, 0, 2))
+    assert depth.shape == (3, 0)
+
+
+def test_bad_images_raise(tiny_model):
+    with pytest.raises(ValueError, match="shape"):
+        tiny_model(torch.randn(3, 64, 96), torch.zeros(1, 1, 2))
+    with pytest.raises(ValueError, match="floating"):
+        tiny_model(torch.zeros(1, 3, 64, 96, dtype=torch.uint8), torch.zeros(1, 1, 2))
+
+
+def test_encoder_is_timm_convnextv2_tiny():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = spd.build_model("v15")
+    reference = timm.create_model("convnextv2_tiny", pretrained=False, features_only=True)
+    ours = model.encoder.backbone.state_dict()
+    theirs = reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    model.encoder.backbone.load_state_dict(theirs)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model.encoder(images), reference(images)):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(use_ldrm=False),
+        dict(ldrm_patch=5),
+        dict(ldrm_patch=9),
+        dict(l3_dim=48),
+        dict(global_projection=True, q2q_self_attn=True, l4_self_attn_layers=2),
+    ],
+)
+def test_ablation_flags_build_and_run(overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = spd.build_model("v15-tiny", **overrides)
+    images = torch.randn(2, 3, 64, 96)
+    queries = random_queries(2, 9, 64, 96)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    out = model(images, queries, mask, return_aux=True)
+    assert out["depth"].shape == (2, 9)
+    if model.ldrm is not None:
+        size = 4 * model.config.ldrm_patch
+        assert out["ldrm_patch_depth"].shape == (2, 9, size, size)
+    with torch.no_grad():
+        alone = model(images[1:], queries[1:, :6])
+        torch.testing.assert_close(model(images, queries, mask)[1:, :6], alone, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,95 @@
+"""`spd data check`: validate a BTS-layout dataset before training, reporting every problem at once."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spd.data.io import DataError, read_depth_png, read_rgb
+from spd.data.nyu import read_filelist
+
+
+@dataclass
+class CheckReport:
+    entries: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    sizes: Counter = field(default_factory=Counter)
+    valid_fractions: list[float] = field(default_factory=list)
+    depth_min: float = float("inf")
+    depth_max: float = 0.0
+    depth_medians: list[float] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        lines = [f"entries: {self.entries}", f"sizes (WxH: count): {dict(self.sizes)}"]
+        if self.valid_fractions:
+            vf = np.array(self.valid_fractions)
+            lines.append(f"valid pixels per image: mean {vf.mean():.1%}, min {vf.min():.1%}, max {vf.max():.1%}")
+            lines.append(
+                f"valid depth [m]: min {self.depth_min:.3f}, median of medians {np.median(self.depth_medians):.3f}, "
+                f"max {self.depth_max:.3f}"
+            )
+        lines += [f"WARNING {w}" for w in self.warnings]
+        lines += [f"ERROR {e}" for e in self.errors]
+        lines.append("OK" if self.ok else f"{len(self.errors)} error(s)")
+        return "\n".join(lines)
+
+
+def check_dataset(
+    root: str | Path, filelist: str | Path, min_depth: float = 1e-3, max_depth: float = 10.0, progress: bool = True
+) -> CheckReport:
+    """Reads every file of the list; collects missing/unreadable files, RGB-depth size mismatches,
+    wrong depth dtypes and frames whose size differs from the rest, plus valid-pixel statistics."""
+    from tqdm import tqdm
+
+    report = CheckReport()
+    try:
+        entries = read_filelist(root, filelist)
+    except DataError as err:
+        report.errors.append(str(err))
+        return report
+    report.entries = len(entries)
+    frame_sizes: dict[str, tuple[int, int]] = {}
+    for entry in tqdm(entries, desc="spd data check", disable=not progress):
+        rgb = depth = None
+        try:
+            rgb = read_rgb(entry.rgb)
+        except DataError as err:
+            report.errors.append(str(err))
+        try:
+            depth = read_depth_png(entry.depth)
+        except DataError as err:
+            report.errors.append(str(err))
+        if rgb is None or depth is None:
+            continue
+        if rgb.shape[:2] != depth.shape:
+            report.errors.append(
+                f"{entry.depth}: depth is {depth.shape[1]}x{depth.shape[0]} but its RGB {entry.rgb.name} is "
+                f"{rgb.shape[1]}x{rgb.shape[0]}"
+            )
+            continue
+        size = (depth.shape[1], depth.shape[0])
+        frame_sizes[str(entry.depth)] = size
+        report.sizes[f"{size[0]}x{size[1]}"] += 1
+        valid = (depth > min_depth) & (depth <= max_depth)
+        report.valid_fractions.append(float(valid.mean()))
+        if not valid.any():
+            report.warnings.append(f"{entry.depth}: no valid depth in ({min_depth}, {max_depth}] m")
+            continue
+        values = depth[valid]
+        report.depth_min = min(report.depth_min, float(values.min()))
+        report.depth_max = max(report.depth_max, float(values.max()))
+        report.depth_medians.append(float(np.median(values)))
+    if len(report.sizes) > 1:
+        common = max(set(frame_sizes.values()), key=list(frame_sizes.values()).count)
+        for path, size in frame_sizes.items():
+            if size != common:
+                report.errors.append(f"{path}: frame is {size[0]}x{size[1]}, the rest of the set is {common[0]}x{common[1]}")
+    return report

@@ -1,0 +1,58 @@
+"""Reading NYU-layout files with errors that name the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+NYU_FOCAL = 518.8579  # pixels, NYU Depth V2 Kinect RGB camera (fx)
+NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)  # fx, fy, cx, cy in pixels
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable or not what the layout promises."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now: a truncated file fails here, not later in a worker
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataError(path, f"unreadable or truncated image ({err})") from err
+    return image
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """An image file as an (H, W, 3) uint8 RGB array (grey and RGBA are converted)."""
+    return np.array(_open(Path(path)).convert("RGB"))  # a writable copy
+
+
+def read_depth_png(path: str | Path) -> np.ndarray:
+    """A 16-bit depth PNG in millimetres as an (H, W) float32 array in metres; 0 stays 0 (invalid)."""
+    path = Path(path)
+    image = _open(path)
+    array = np.asarray(image)
+    if array.dtype != np.uint16 and image.mode not in ("I;16", "I;16B", "I"):
+        raise DataError(path, f"depth must be a 16-bit PNG in millimetres; got mode {image.mode} ({array.dtype})")
+    if array.ndim != 2:
+        raise DataError(path, f"depth must be single-channel; got shape {array.shape}")
+    if array.dtype != np.uint16:
+        if array.min() < 0 or array.max() > 65535:
+            raise DataError(path, f"depth values outside uint16 range in mode {image.mode}")
+        array = array.astype(np.uint16)
+    return array.astype(np.float32) / 1000.0
+
+
+def write_depth_png(path: str | Path, depth_m: np.ndarray) -> None:
+    """Writes (H, W) metres as a uint16 millimetre PNG (0 = invalid), rounding to the nearest mm."""
+    millimetres = np.clip(np.round(depth_m * 1000.0), 0, 65535).astype(np.uint16)
+    Image.fromarray(millimetres).save(path)

@@ -1,0 +1,78 @@
+"""BTS-protocol augmentation on torchvision transforms v2 (DESIGN.md §4).
+
+Image, depth and valid mask travel together as tv_tensors so that every geometric step keeps them
+aligned: the image is resampled bilinearly, depth and mask (tv_tensors.Mask) with nearest
+neighbour, and pixels rotated in from outside get depth 0 / invalid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BTSColorJitter(v2.Transform):
+    """BTS colour augmentation on a [0, 1] float image: gamma, brightness and per-channel colour.
+
+    Ranges follow BTS's NYU setting: gamma U(0.9, 1.1), brightness U(0.75, 1.25),
+    colour U(0.9, 1.1) per channel; the result is clipped to [0, 1]. Depth is untouched.
+    """
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, gamma=(0.9, 1.1), brightness=(0.75, 1.25), color=(0.9, 1.1)) -> None:
+        super().__init__()
+        self.gamma, self.brightness, self.color = gamma, brightness, color
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        def uniform(bounds, *shape):
+            return torch.empty(*shape).uniform_(*bounds)
+
+        return dict(gamma=uniform(self.gamma, 1), brightness=uniform(self.brightness, 1), color=uniform(self.color, 3))
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        out = inpt.clamp(0, 1) ** params["gamma"] * params["brightness"] * params["color"].view(3, 1, 1)
+        return tv_tensors.wrap(out.clamp(0, 1), like=inpt)
+
+
+def train_transform(
+    crop_size: tuple[int, int] | None = (416, 544), rotation_deg: float = 2.5, color_p: float = 0.5
+) -> v2.Compose:
+    """Random crop -> rotation -> horizontal flip -> colour (p = `color_p`) -> ImageNet normalisation."""
+    steps: list[v2.Transform] = []
+    if crop_size is not None:
+        steps.append(v2.RandomCrop(crop_size))
+    if rotation_deg > 0:
+        steps.append(v2.RandomRotation(rotation_deg, interpolation=v2.InterpolationMode.BILINEAR, fill=0))
+    steps += [
+        v2.RandomHorizontalFlip(0.5),
+        v2.RandomApply([BTSColorJitter()], p=color_p),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
+    return v2.Compose(steps)
+
+
+def test_transform() -> v2.Compose:
+    """Full frame, no augmentation, ImageNet normalisation."""
+    return v2.Compose([v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def normalize_image(image_uint8: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> ImageNet-normalised float32."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image_uint8.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image_uint8.device).view(3, 1, 1)
+    return (image_uint8.float() / 255.0 - mean) / std
+
+
+def apply(
+    transform: v2.Compose, image: torch.Tensor, depth: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs `transform` on an image (3, H, W) float in [0, 1] and depth (1, H, W) metres together."""
+    out_image, out_depth = transform(tv_tensors.Image(image), tv_tensors.Mask(depth))
+    return out_image.as_subclass(torch.Tensor), out_depth.as_subclass(torch.Tensor)

@@ -24,3 +24,12 @@ def random_queries(batch: int, k: int, height: int, width: int, generator=None) 
     """Uniform pixel (u, v) inside an image, float32, (B, K, 2)."""
     scale = torch.tensor([width - 1.0, height - 1.0])
     return torch.rand(batch, k, 2, generator=generator) * scale
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A small synthetic NYU-layout set: 16 train + 4 test frames at 96 x 128, with holes."""
+    from spd.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synth"), n_train=16, n_test=4, size=(96, 128), holes=True, seed=3,
+                    workers=1, progress=False)

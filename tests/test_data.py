@@ -18,7 +18,7 @@ from spd.data.queries import (
     sample_uniform_queries,
 )
 from spd.data.synthetic import generate
-from spd.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
+from spd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nyu_real"
 
@@ -75,8 +75,7 @@ def _red_to_depth(image: torch.Tensor) -> torch.Tensor:
 
 def test_augmentation_without_rotation_keeps_exact_alignment(tmp_path):
     filelist = _block_frame(tmp_path)
-    dataset = NYUDepth(tmp_path, filelist, split="train", rotation_deg=0.0, num_queries=64)
-    dataset.transform = train_transform((416, 544), 0.0, color_p=0.0)
+    dataset = NYUDepth(tmp_path, filelist, split="train", rotation_deg=0.0, color_p=0.0, num_queries=64)
     flips = set()
     for epoch in range(6):
         dataset.set_epoch(epoch)
@@ -89,8 +88,7 @@ def test_augmentation_without_rotation_keeps_exact_alignment(tmp_path):
 
 def test_augmentation_with_rotation_keeps_alignment(tmp_path):
     filelist = _block_frame(tmp_path)
-    dataset = NYUDepth(tmp_path, filelist, split="train")
-    dataset.transform = train_transform((416, 544), 2.5, color_p=0.0)
+    dataset = NYUDepth(tmp_path, filelist, split="train", rotation_deg=2.5, color_p=0.0)
     for epoch in range(4):
         dataset.set_epoch(epoch)
         sample = dataset[0]

@@ -3,11 +3,19 @@
     import spd
     model = spd.build_model("v15")
     depth = model(images, queries)          # (B, 3, H, W), (B, K, 2) pixel (u, v) -> (B, K) metres
+
+    p = spd.Predictor.from_pretrained("path/to/model_folder")
+    depth_m = p.predict("image.jpg", [[320, 240]])
 """
 
-from spd.config import ModelConfig, preset_config
-from spd.models import SPD, EncodedFeatures
 from spd.build import build_model
+from spd.config import ModelConfig, preset_config
+from spd.hub import CheckpointError, load_model, save_model
+from spd.models import SPD, EncodedFeatures
+from spd.predictor import Predictor
 
-__all__ = ["ModelConfig", "preset_config", "SPD", "EncodedFeatures", "build_model"]
+__all__ = [
+    "ModelConfig", "preset_config", "SPD", "EncodedFeatures", "build_model", "load_model", "save_model",
+    "CheckpointError", "Predictor",
+]
 __version__ = "0.1.0"

@@ -74,6 +74,7 @@ class DepthDataset(Dataset):
         num_queries: int | None = None,
         crop_size: tuple[int, int] | None = (416, 544),
         rotation_deg: float = 2.5,
+        color_p: float = 0.5,
         min_depth: float = 1e-3,
         max_depth: float = 10.0,
         seed: int = 0,
@@ -86,7 +87,7 @@ class DepthDataset(Dataset):
         self.min_depth, self.max_depth = min_depth, max_depth
         self.seed, self.eval_crop = seed, eval_crop
         self.epoch = 0
-        self.transform = train_transform(self.crop_size, rotation_deg) if split == "train" else test_transform()
+        self.transform = train_transform(self.crop_size, rotation_deg, color_p) if split == "train" else test_transform()
 
     def set_epoch(self, epoch: int) -> None:
         """New augmentation and query draws each epoch (call before iterating, like DistributedSampler)."""

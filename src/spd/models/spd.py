@@ -184,6 +184,18 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
             raise ValueError("this model has no LDRM (use_ldrm=False)")
         return self.ldrm.patch_origin(queries) * 4
 
+    # --- huggingface_hub mixin: `save_pretrained` / `from_pretrained` use our strict loader ------
+    def _save_pretrained(self, save_directory) -> None:
+        from spd.engine.checkpoint import save_model
+
+        save_model(self, save_directory)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", **kwargs) -> "SPD":
+        from spd.engine.checkpoint import load_model
+
+        return load_model(model_id, map_location)
+
     # ------------------------------------------------------------------------------------------
     def param_groups(self, lr: float, encoder_lr_scale: float = 0.1, weight_decay: float = 0.01) -> list[dict]:
         """AdamW groups owned by the model: encoder at `encoder_lr_scale` x LR; no weight decay on

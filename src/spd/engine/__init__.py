@@ -1,0 +1,1 @@
+"""Training and evaluation engine: distributed helpers, checkpoints, the loop, evaluation."""

@@ -1,0 +1,164 @@
+"""The user-facing predictor: depth in metres at your pixels, from an image in any common form.
+
+    from spd import Predictor
+    p = Predictor.from_pretrained("runs/demo/checkpoints/best", device="cpu")
+    depth_m = p.predict("room.jpg", [[320, 240], [10.5, 400]])      # (K,) float32 metres
+    feats = p.encode(image); p.decode(feats, points_a); p.decode(feats, points_b)
+
+Points are (u, v) = (column, row) pixels of *your* image, integers at pixel centres; valid points
+satisfy -0.5 <= u <= W - 0.5 and -0.5 <= v <= H - 0.5. Preprocessing (RGB conversion, ImageNet
+normalisation, padding to a multiple of 32) happens inside.
+
+Queries share information through the model's canvas, so a point's depth depends slightly on
+the other points decoded in the same call. Large point sets are therefore shuffled with a fixed
+seed and decoded in chunks of `chunk_size` (the training K, 256): every chunk looks like a training
+query set, and the same inputs always give the same outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from spd.data.io import read_rgb
+from spd.data.transforms import normalize_image
+
+ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W, 3) uint8 | torch.Tensor (3, H, W)
+
+
+@dataclass
+class ImageFeatures:
+    """Encoder output for one image, reusable by any number of `decode` calls."""
+
+    features: Any
+    height: int
+    width: int
+
+
+def image_to_uint8(image: ImageLike) -> np.ndarray:
+    """Any supported image form -> (H, W, 3) uint8 RGB.
+
+    Accepts a file path, a PIL image (any mode), an (H, W, 3) or (H, W) uint8 array, or a tensor
+    (3, H, W) / (H, W, 3) that is uint8 or float in [0, 1].
+    """
+    if isinstance(image, (str, Path)):
+        return read_rgb(image)
+    if isinstance(image, Image.Image):
+        return np.array(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.dim() == 3 and tensor.shape[0] == 3 and tensor.shape[-1] != 3:
+            tensor = tensor.permute(1, 2, 0)
+        array = tensor.numpy()
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise TypeError(f"unsupported image type {type(image).__name__}: use a path, PIL image, array or tensor")
+    if array.ndim == 2:
+        array = np.stack([array] * 3, -1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3) RGB (or (3, H, W) tensor); got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError("float images must hold finite values in [0, 1]")
+        return np.round(array * 255).astype(np.uint8)
+    raise ValueError(f"image dtype {array.dtype} not supported: use uint8 or float in [0, 1]")
+
+
+def check_points(points, height: int, width: int) -> torch.Tensor:
+    """(K, 2) pixel (u, v) -> float32 tensor; ValueError naming the first bad point."""
+    array = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
+    if array.size == 0:
+        return torch.zeros(0, 2)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"points must have shape (K, 2) as (u, v) pixels; got shape {array.shape}")
+    finite = np.isfinite(array).all(1)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise ValueError(f"point {i} is not finite: {array[i].tolist()}")
+    u, v = array[:, 0], array[:, 1]
+    inside = (u >= -0.5) & (u <= width - 0.5) & (v >= -0.5) & (v <= height - 0.5)
+    if not inside.all():
+        i = int(np.argmin(inside))
+        raise ValueError(
+            f"point {i} = (u={u[i]:g}, v={v[i]:g}) is outside the {width}x{height} image "
+            f"(valid: -0.5 <= u <= {width - 0.5}, -0.5 <= v <= {height - 0.5})"
+        )
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def backproject(points: np.ndarray, depth: np.ndarray, intrinsics: Sequence[float]) -> np.ndarray:
+    """Pixel (u, v) + z-depth [m] -> camera-frame (X, Y, Z) [m] (OpenCV axes: x right, y down).
+
+    intrinsics: (fx, fy, cx, cy) in pixels of the same image. Returns (K, 3) float32.
+    """
+    fx, fy, cx, cy = (float(v) for v in intrinsics)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    z = np.asarray(depth, dtype=np.float64)
+    return np.stack([(points[:, 0] - cx) / fx * z, (points[:, 1] - cy) / fy * z, z], -1).astype(np.float32)
+
+
+class Predictor:
+    """Wraps a model with `encode` / `decode` (SPD or the baseline) for single images.
+
+    Args:
+        model: the network; it is moved to `device` and put in eval mode.
+        chunk_size: points per decode call (the training K).
+        seed: the fixed shuffle of large point sets (see module docstring).
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", chunk_size: int = 256, seed: int = 0):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.chunk_size = chunk_size
+        self.seed = seed
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device = "cpu", **kwargs) -> "Predictor":
+        """A model folder (`config.json` + `model.safetensors`) or a Hugging Face Hub id."""
+        from spd.engine.checkpoint import load_model
+
+        return cls(load_model(path_or_hub_id, device), device, **kwargs)
+
+    @torch.inference_mode()
+    def encode(self, image: ImageLike) -> ImageFeatures:
+        rgb = image_to_uint8(image)
+        tensor = normalize_image(torch.from_numpy(rgb).permute(2, 0, 1))[None].to(self.device)
+        return ImageFeatures(self.model.encode(tensor), rgb.shape[0], rgb.shape[1])
+
+    @torch.inference_mode()
+    def decode(self, features: ImageFeatures, points) -> np.ndarray:
+        """Depth [m] at (K, 2) points of the encoded image. Returns (K,) float32."""
+        queries = check_points(points, features.height, features.width)
+        count = queries.shape[0]
+        if count == 0:
+            return np.zeros(0, dtype=np.float32)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)) if count > self.chunk_size else torch.arange(count)
+        shuffled = queries[order].to(self.device)
+        depth = torch.cat([self.model.decode(features.features, part[None])[0] for part in shuffled.split(self.chunk_size)])
+        out = torch.empty(count, dtype=torch.float32)
+        out[order] = depth.float().cpu()
+        return out.numpy()
+
+    def predict(self, image: ImageLike, points) -> np.ndarray:
+        """Depth [m] at (K, 2) pixel points. Returns (K,) float32."""
+        return self.decode(self.encode(image), points)
+
+    def predict_points3d(self, image: ImageLike, points, intrinsics: Sequence[float]) -> np.ndarray:
+        """Camera-frame 3-D points [m] at (K, 2) pixels; intrinsics (fx, fy, cx, cy) in pixels. (K, 3)."""
+        features = self.encode(image)
+        depth = self.decode(features, points)
+        return backproject(check_points(points, features.height, features.width).numpy(), depth, intrinsics)
+
+    def predict_batch(self, images: Sequence[ImageLike], points_list: Sequence) -> list[np.ndarray]:
+        """One depth array per (image, points) pair; each image is encoded once."""
+        if len(images) != len(points_list):
+            raise ValueError(f"{len(images)} images but {len(points_list)} point sets")
+        return [self.predict(image, points) for image, points in zip(images, points_list)]

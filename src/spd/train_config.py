@@ -1,0 +1,153 @@
+"""Training configuration: dataclasses, named YAML configs, `--set key=value` overrides.
+
+A run is fully described by its resolved config, written to RUN_DIR/config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from spd.config import ModelConfig, preset_config
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # NYU root holding sync/ and official_splits/test/ (--data-root)
+    train_dir: str = "sync"  # relative to root
+    train_list: str | None = None  # None: ROOT/train_files.txt if present, else the bundled NYU list
+    test_dir: str = "official_splits/test"
+    test_list: str | None = None  # None: ROOT/test_files.txt if present, else the bundled Eigen test list
+    crop_size: list[int] | None = field(default_factory=lambda: [416, 544])  # BTS random crop
+    rotation_deg: float = 2.5
+    color_p: float = 0.5
+    num_queries: int = 256  # K per training image
+    min_depth: float = 0.1  # training GT range (0.1, 10] m
+    max_depth: float = 10.0
+    workers: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # decoder + neck
+    encoder_lr_scale: float = 0.1  # encoder at 1e-5: keep the FCMAE features
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 500
+    schedule: Literal["cosine", "poly"] = "cosine"
+    min_lr_ratio: float = 0.01  # final LR / peak LR
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    canvas_weight: float = 0.5
+    patch_weight: float = 0.3
+    silog_lambda: float = 0.5
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 2000  # periodic validation (0 = only at the end)
+    num_queries: int = 256  # sparse protocol K
+    seed: int = 0
+    crop: Literal["eigen", "garg", "none"] = "eigen"
+    limit: int | None = None  # validate on the first N test images (None = all)
+    min_depth: float = 1e-3
+    max_depth: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "v15"
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    epochs: int = 25
+    max_steps: int | None = None  # total optimiser steps; overrides epochs when set
+    batch_size: int = 6  # per process
+    accum_steps: int = 1
+    seed: int = 0
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    deterministic: bool = False
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 2  # step_* checkpoint folders kept besides last/ and best/
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    save_first_step_grads: bool = False  # write RUN_DIR/first_step_grads.safetensors (scale-out checks)
+
+    def model_config(self) -> ModelConfig:
+        return preset_config(self.preset, **self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls, data: dict[str, Any], where: str = ""):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config keys {[where + k for k in unknown]}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if name in known else None
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            kwargs[name] = _from_dict(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def named_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("spd.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """A bundled config by name (`v15_nyu`, `v15_tiny_synth`) or a YAML file, then `key=value` overrides
+    with dotted keys (`optim.lr=3e-4`, `model.use_ldrm=false`); values are parsed as YAML."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        text = path.read_text()
+    else:
+        resource = resources.files("spd.configs").joinpath(f"{name_or_path}.yaml")
+        if not resource.is_file():
+            raise ValueError(f"unknown config {name_or_path!r}; bundled configs: {named_configs()} (or pass a .yaml path)")
+        text = resource.read_text()
+    data = yaml.safe_load(text) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _parse_value(value)
+    config = _from_dict(TrainConfig, data)
+    config.model_config()  # fail now on a bad preset or model override
+    return config
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalars, plus the numbers YAML 1.1 reads as strings (`3e-4`)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,180 @@
+"""Training engine: losses, schedule, checkpoints, kill -9 + resume, torchrun (issue 4)."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import spd
+from spd.engine.checkpoint import CheckpointError, load_training_state, save_model
+from spd.engine.train import lr_schedule
+from spd.losses import depth_at_queries, silog_per_image, spd_losses
+
+TINY = [
+    "data.num_queries=32", "batch_size=2", "data.workers=0", "eval.every_steps=0", "eval.limit=2",
+    "eval.num_queries=64", "log_every=1", "keep_last=0", "deterministic=true", "optim.warmup_steps=2",
+]
+
+
+def _spd_train(run_dir: Path, synth_root: Path, extra: list[str], max_steps: int, launcher: list[str] | None = None):
+    command = [*(launcher or [sys.executable, "-m", "spd.cli"]), "train", "--config", "v15_tiny_synth",
+               "--data-root", str(synth_root), "--out", str(run_dir), "--max-steps", str(max_steps)]
+    for item in TINY + extra:
+        command += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return command, env
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step total loss; a step logged twice (before a kill and after the resume) keeps the last."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss_total"] for r in rows if r["kind"] == "train"}
+
+
+def test_silog_matches_formula_and_ignores_masked():
+    pred = torch.tensor([[1.0, 2.0, 4.0, 9.0], [3.0, 3.0, 3.0, 3.0]])
+    gt = torch.tensor([[1.0, 1.0, 2.0, 0.0], [3.0, 3.0, 3.0, 3.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    d = torch.log(torch.tensor([1.0, 2.0, 2.0]))
+    first = torch.sqrt(d.square().mean() - 0.5 * d.mean() ** 2 + 1e-8)
+    second = torch.sqrt(torch.tensor(1e-8))
+    torch.testing.assert_close(silog_per_image(pred, gt, mask), (first + second) / 2)
+
+
+def test_losses_total_is_the_weighted_sum(tiny_model):
+    images = torch.randn(2, 3, 64, 96)
+    depth = torch.rand(2, 1, 64, 96) * 5 + 0.5
+    valid = torch.rand(2, 1, 64, 96) > 0.2
+    queries = torch.stack([torch.randint(0, 96, (2, 20)), torch.randint(0, 64, (2, 20))], -1).float()
+    batch = {"depth": depth, "valid": valid, "queries": queries, "query_mask": torch.ones(2, 20, dtype=torch.bool)}
+    out = tiny_model(images, queries, return_aux=True)
+    terms = spd_losses(out, batch, tiny_model.ldrm_patch_origin(queries), 0.5, 0.3)
+    torch.testing.assert_close(terms["total"], terms["sparse"] + 0.5 * terms["canvas"] + 0.3 * terms["patch"])
+    assert depth_at_queries(depth, queries)[1, 3] == depth[1, 0, int(queries[1, 3, 1]), int(queries[1, 3, 0])]
+
+
+def test_lr_schedule_warmup_then_decay():
+    schedule = lr_schedule(100, 10, "cosine", 0.01)
+    assert len(schedule) == 100 and schedule[0] == pytest.approx(0.1) and schedule[9] == pytest.approx(1.0)
+    assert np.all(np.diff(schedule[10:]) <= 1e-12) and schedule[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_param_groups_encoder_lr_and_no_decay(tiny_model):
+    groups = {g["name"]: g for g in tiny_model.param_groups(1e-4, 0.1, 0.01)}
+    assert groups["encoder_decay"]["lr"] == pytest.approx(1e-5)
+    assert groups["decoder_no_decay"]["weight_decay"] == 0.0
+    no_decay = {id(p) for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(tiny_model.head.log_scale) in no_decay
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(tiny_model.parameters()))
+
+
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, synth_root):
+    steps = 12
+    command, env = _spd_train(tmp_path / "straight", synth_root, ["ckpt_every=3"], steps)
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    reference = _train_losses(tmp_path / "straight")
+    assert sorted(reference) == list(range(1, steps + 1))
+
+    run = tmp_path / "killed"
+    command, env = _spd_train(run, synth_root, ["ckpt_every=3"], steps)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run / "checkpoints" / "last" / "training_state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_training_state(run / "checkpoints" / "last")["progress"]["step"]
+    assert killed_at < steps
+
+    subprocess.run(command + ["--resume"], env=env, check=True, capture_output=True)
+    resumed = _train_losses(run)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"step {step}"
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, synth_root):
+    run = tmp_path / "term"
+    command, env = _spd_train(run, synth_root, ["ckpt_every=1000"], 500)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "SIGTERM: saved" in output
+    step = load_training_state(run / "checkpoints" / "last")["progress"]["step"]
+    assert 2 <= step < 500
+
+
+def test_torchrun_two_processes_match_one_process_gradients(tmp_path, synth_root):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "spd.cli"]
+    command, env = _spd_train(tmp_path / "ddp", synth_root, ["save_first_step_grads=true"], 1, launcher)
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    command, env = _spd_train(tmp_path / "single", synth_root, ["save_first_step_grads=true", "batch_size=4"], 1)
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    ddp = load_file(str(tmp_path / "ddp" / "first_step_grads.safetensors"))
+    single = load_file(str(tmp_path / "single" / "first_step_grads.safetensors"))
+    assert ddp.keys() == single.keys()
+    for name in single:
+        # The same global batch of 4 images; DDP averages two 2-image gradients: float32 rounding only.
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert (tmp_path / "ddp" / "checkpoints" / "last" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["best", "last"]
+
+
+def test_checkpoint_round_trip_and_tampering(tmp_path, tiny_model):
+    folder = save_model(tiny_model, tmp_path / "model")
+    loaded = spd.load_model(folder)
+    images = torch.randn(1, 3, 64, 96)
+    queries = torch.tensor([[[10.0, 20.0], [50.5, 33.0]]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, queries), tiny_model(images, queries), rtol=0, atol=0)
+
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        spd.load_model(folder)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + data[100:])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        spd.load_model(folder)
+
+    # A pickle that would run code when unpickled is refused and never executed.
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    weights.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError):
+        spd.load_model(folder)
+    (folder / "training_state.pt").write_bytes(pickle.dumps({"state": Exploit()}))
+    with pytest.raises(CheckpointError, match="training_state.pt"):
+        load_training_state(folder)
+    assert not marker.exists()
+
+    (folder / "config.json").write_text('{"d_model": 64, "no_such_key": 1}')
+    with pytest.raises(CheckpointError, match="config.json"):
+        spd.load_model(folder)
+    with pytest.raises(CheckpointError, match="not found"):
+        spd.load_model(tmp_path / "nowhere")
+
+
+def test_mixin_save_pretrained_from_pretrained(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    again = spd.SPD.from_pretrained(str(tmp_path / "hf"))
+    assert again.config == spd.load_model(tmp_path / "hf").config

@@ -163,6 +163,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spd.demo import run_demo
+
+    run_demo(args.out, args.n_train, args.n_test, args.size, args.max_steps, args.seed)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from spd.bench import format_bench, run_bench, save_plot, write_json
+
+    ks = tuple(int(k) for k in args.k.split(","))
+    result = run_bench(args.height, args.width, ks, args.device, args.dtype, args.compile, args.repeat,
+                       args.baseline_input, args.channels_last)
+    print(format_bench(result))
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        save_plot(result, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spd",
@@ -219,6 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intrinsics", default=None, help="fx,fy,cx,cy in pixels: also output camera-frame X, Y, Z [m]")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="end to end on synthetic data: data, training, evaluation, figures (CPU, minutes)")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--n-train", type=int, default=300, help="synthetic training frames (default 300)")
+    p.add_argument("--n-test", type=int, default=50, help="synthetic test frames (default 50)")
+    p.add_argument("--size", type=_parse_size, default=(120, 160), help="frame size HxW (default 120x160)")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the v15_tiny_synth config's)")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="time SPD (encode + decode K) against the dense DAv2-S baseline, one process")
+    p.add_argument("--height", type=int, default=480, help="image height (default 480)")
+    p.add_argument("--width", type=int, default=640, help="image width (default 640)")
+    p.add_argument("--k", default="1,16,64,256,1024,4096", help="comma-separated query counts")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (default fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--channels-last", action="store_true", help="run the SPD encoder in channels-last memory format")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the median is reported (default 5)")
+    p.add_argument("--baseline-input", choices=["fair", "official"], default="fair",
+                   help="fair: 476x644 for 480x640 (same pixel count); official: short side 518")
+    p.add_argument("--json", default=None, help="write all figures as JSON here")
+    p.add_argument("--plot", default=None, help="write a time-vs-K plot (PNG) here")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("synth", help="write a synthetic NYU-layout dataset (procedural rooms, exact depth)")
     p.add_argument("--out", required=True, help="output folder (sync/, official_splits/test/, *_files.txt)")

@@ -1,0 +1,185 @@
+"""`spd bench`: SPD (encode once, decode K queries) against the dense Depth Anything V2-S baseline,
+in one process, same input, same settings (both eager or both compiled), medians after warm-up."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from spd.build import build_model
+from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, repeat: int, device: torch.device, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def count_macs(fn) -> int:
+    """Multiply-accumulates of one call (torch's FLOP counter counts 2 per MAC)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def companion_sensitivity(model, features, height: int, width: int, device: torch.device) -> dict[str, float]:
+    """How much a point's depth moves with the points that share its decode call: 16 fixed points
+    decoded alone (one call each), together (16) and among 240 others (256). Mean |relative change|
+    against the 256 case."""
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.tensor([width - 1.0, height - 1.0])
+    points = (torch.rand(1, 16, 2, generator=generator) * scale).to(device)
+    others = (torch.rand(1, 240, 2, generator=generator) * scale).to(device)
+    in_256 = model.decode(features, torch.cat([points, others], 1))[:, :16]
+    in_16 = model.decode(features, points)
+    alone = torch.cat([model.decode(features, points[:, i : i + 1]) for i in range(16)], 1)
+    rel = lambda a: float(((a - in_256).abs() / in_256).mean())  # noqa: E731
+    return {"alone_vs_256": rel(alone), "in_16_vs_256": rel(in_16)}
+
+
+def run_bench(
+    height: int = 480,
+    width: int = 640,
+    ks: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096),
+    device: str = "cpu",
+    dtype: str = "fp32",
+    compile: bool = False,
+    repeat: int = 5,
+    baseline_input: str = "fair",
+    channels_last: bool = False,
+) -> dict:
+    dev = torch.device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        spd_model = build_model("v15", warn_random_encoder=False).to(dev).eval()
+        baseline = DepthAnythingBaseline(input_mode=baseline_input).to(dev).eval()
+    if channels_last:
+        spd_model.encoder.to(memory_format=torch.channels_last)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    image = torch.randn(1, 3, height, width, device=dev)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    queries = {k: (torch.rand(1, k, 2, generator=torch.Generator().manual_seed(k)) * torch.tensor([width - 1.0, height - 1.0])).to(dev) for k in ks}
+
+    encode, decode, base_encode = spd_model.encode, spd_model.decode, baseline.encode
+    if compile:
+        encode = torch.compile(spd_model.encode)
+        base_encode = torch.compile(baseline.encode)
+        spd_model.decode = torch.compile(spd_model.decode, dynamic=True)
+        decode = spd_model.decode
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    result: dict = {"spd": {"decode_ms": {}, "total_ms": {}, "decode_macs": {}}, "baseline": {}, "ratio_total": {},
+                    "ratio_decode_encode": {}}
+    with torch.inference_mode(), autocast:
+        features = encode(image)
+        result["spd"]["encode_ms"] = median_ms(lambda: encode(image), repeat, dev)
+        for k in ks:
+            result["spd"]["decode_ms"][str(k)] = median_ms(lambda: decode(features, queries[k]), repeat, dev)
+            result["spd"]["total_ms"][str(k)] = median_ms(lambda: decode(encode(image), queries[k]), repeat, dev)
+        dense = base_encode(image)
+        result["baseline"]["total_ms"] = median_ms(lambda: baseline.decode(base_encode(image), queries[ks[-1]]), repeat, dev)
+        result["baseline"]["input_size"] = list(baseline_input_size(height, width, baseline_input))
+        del dense
+        macs_encode = count_macs(lambda: spd_model.encode(image))
+        for k in ks:
+            result["spd"]["decode_macs"][str(k)] = count_macs(lambda: spd_model.decode(features, queries[k]))
+        macs_base = count_macs(lambda: baseline.encode(image))
+        result["companions"] = companion_sensitivity(spd_model, features, height, width, dev)
+
+    k_ref = 256 if 256 in ks else ks[-1]
+    result["macs"] = {
+        "encode": macs_encode,
+        "decode_per_query": result["spd"]["decode_macs"][str(k_ref)] / k_ref,
+        "baseline": macs_base,
+    }
+    base_ms = result["baseline"]["total_ms"]
+    for k in ks:
+        result["ratio_total"][str(k)] = result["spd"]["total_ms"][str(k)] / base_ms
+        result["ratio_decode_encode"][str(k)] = result["spd"]["decode_ms"][str(k)] / result["spd"]["encode_ms"]
+    slower = [k for k in ks if result["spd"]["total_ms"][str(k)] >= base_ms]
+    result["break_even_k"] = slower[0] if slower else None
+    result["peak_memory_mb"] = (
+        torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    result.update(
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype, compile=compile,
+        height=height, width=width, repeat=repeat, channels_last=channels_last,
+    )
+    return result
+
+
+def format_bench(result: dict) -> str:
+    spd, base = result["spd"], result["baseline"]
+    lines = [
+        f"device {result['device']}, torch {result['torch']}, {result['threads']} threads, {result['dtype']}, "
+        f"{'compiled' if result['compile'] else 'eager'}, {result['height']}x{result['width']}, median of {result['repeat']}",
+        f"SPD encode {spd['encode_ms']:.1f} ms ({result['macs']['encode'] / 1e9:.2f} GMACs); "
+        f"baseline DAv2-S total {base['total_ms']:.1f} ms at {base['input_size'][0]}x{base['input_size'][1]} "
+        f"({result['macs']['baseline'] / 1e9:.2f} GMACs)",
+        f"decoder MACs per query (K=256): {result['macs']['decode_per_query'] / 1e6:.2f} M",
+        f"{'K':>6}{'decode ms':>12}{'total ms':>12}{'SPD/base':>10}{'dec/enc':>9}{'dec GMACs':>11}",
+    ]
+    for k in spd["decode_ms"]:
+        lines.append(
+            f"{k:>6}{spd['decode_ms'][k]:>12.1f}{spd['total_ms'][k]:>12.1f}{result['ratio_total'][k]:>10.2f}"
+            f"{result['ratio_decode_encode'][k]:>9.3f}{spd['decode_macs'][k] / 1e9:>11.3f}"
+        )
+    be = result["break_even_k"]
+    lines.append(f"SPD stops being cheaper at K = {be}" if be else "SPD is cheaper than the baseline at every K measured")
+    comp = result["companions"]
+    lines.append(
+        f"companion sensitivity (mean |rel. change| vs decoding among 256): alone {comp['alone_vs_256']:.4f}, "
+        f"in 16 {comp['in_16_vs_256']:.4f}"
+    )
+    lines.append(f"peak memory {result['peak_memory_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def save_plot(result: dict, path: str | Path) -> None:
+    from spd.vis import _pyplot
+
+    plt = _pyplot()
+    ks = [int(k) for k in result["spd"]["total_ms"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(ks, [result["spd"]["total_ms"][str(k)] for k in ks], "o-", label="SPD total (encode + decode K)")
+    ax.plot(ks, [result["spd"]["decode_ms"][str(k)] for k in ks], "s--", label="SPD decode only")
+    ax.axhline(result["baseline"]["total_ms"], color="red", label="DAv2-S dense (any K)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("queries per image K")
+    ax.set_ylabel("time [ms]")
+    ax.set_title(f"{result['height']}x{result['width']}, {result['device']}, {result['dtype']}, "
+                 f"{'compiled' if result['compile'] else 'eager'}", fontsize=9)
+    ax.legend()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2))

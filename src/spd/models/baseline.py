@@ -1,0 +1,112 @@
+"""Depth Anything V2-Small (ViT-S/14 + DPT, metric head, 10 m) as a query-answering baseline (DESIGN.md §8).
+
+Built with transformers' `DepthAnythingForDepthEstimation`: random init, or official weights from a
+local Hugging Face folder (e.g. a download of depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf).
+It decodes the whole dense map and answers queries by bilinear sampling of it, behind the same
+`encode` / `decode` interface as SPD, so `spd eval`, `Predictor` and `spd bench` treat both alike.
+
+Input size: "fair" resizes, aspect kept, to the nearest multiples of 14 with about the same pixel
+count (480x640 -> 476x644), the comparison the benchmark makes; "official" resizes the short side
+to 518 (480x640 -> 518x686) as Depth Anything's own pre-processing does. The map is resized back to
+the input size before sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spd.models.geometry import pixel_to_grid, sample_at, validate_queries
+
+InputMode = Literal["fair", "official"]
+PATCH = 14
+
+
+def _dav2_small_config(max_depth: float):
+    from transformers import DepthAnythingConfig, Dinov2Config
+
+    backbone = Dinov2Config(
+        hidden_size=384, num_attention_heads=6, num_hidden_layers=12, image_size=518, patch_size=PATCH,
+        out_indices=[3, 6, 9, 12], out_features=["stage3", "stage6", "stage9", "stage12"], reshape_hidden_states=False,
+    )
+    return DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=384, neck_hidden_sizes=[48, 96, 192, 384],
+        fusion_hidden_size=64, head_hidden_size=32, reassemble_factors=[4, 2, 1, 0.5], patch_size=PATCH,
+        depth_estimation_type="metric", max_depth=max_depth,
+    )
+
+
+def baseline_input_size(height: int, width: int, mode: InputMode = "fair") -> tuple[int, int]:
+    """The network's input size for an H x W image (multiples of 14, aspect kept)."""
+    if mode == "fair":
+        return max(PATCH, round(height / PATCH) * PATCH), max(PATCH, round(width / PATCH) * PATCH)
+    scale = 518 / min(height, width)
+    sides = []
+    for side in (height, width):
+        target = round(side * scale / PATCH) * PATCH
+        sides.append(target if target >= 518 else -(-int(side * scale) // PATCH) * PATCH)
+    return sides[0], sides[1]
+
+
+@dataclass
+class DenseDepth:
+    """The baseline's 'features': its dense depth map (B, 1, H, W) in metres at the input size."""
+
+    depth: torch.Tensor
+    image_size: tuple[int, int]
+
+    @property
+    def batch_size(self) -> int:
+        return self.depth.shape[0]
+
+
+class DepthAnythingBaseline(nn.Module):
+    """Shape:
+        encode: images (B, 3, H, W) ImageNet-normalised -> DenseDepth (B, 1, H, W) metres.
+        decode: queries (B, K, 2) pixel (u, v) -> (B, K) metres (bilinear samples of the map).
+    """
+
+    def __init__(self, weights_dir: str | Path | None = None, input_mode: InputMode = "fair", max_depth: float = 10.0):
+        super().__init__()
+        from transformers import DepthAnythingForDepthEstimation
+
+        if weights_dir is not None:
+            if not Path(weights_dir).is_dir():
+                raise FileNotFoundError(f"baseline weights folder not found: {weights_dir}")
+            self.net = DepthAnythingForDepthEstimation.from_pretrained(str(weights_dir), local_files_only=True)
+        else:
+            self.net = DepthAnythingForDepthEstimation(_dav2_small_config(max_depth))
+        self.input_mode = input_mode
+
+    def encode(self, images: torch.Tensor) -> DenseDepth:
+        height, width = images.shape[-2:]
+        size = baseline_input_size(height, width, self.input_mode)
+        resized = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if size != (height, width) else images
+        depth = self.net(pixel_values=resized).predicted_depth.unsqueeze(1)  # (B, 1, h, w)
+        if depth.shape[-2:] != (height, width):
+            depth = F.interpolate(depth, size=(height, width), mode="bilinear", align_corners=False)
+        return DenseDepth(depth, (height, width))
+
+    def decode(self, features: DenseDepth, queries: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = validate_queries(queries, features.image_size, mask, features.batch_size)
+        if queries.shape[1] == 0:
+            return queries.new_zeros(queries.shape[0], 0)
+        queries = torch.where(mask.unsqueeze(-1), queries, torch.zeros_like(queries))
+        grid = pixel_to_grid(queries, features.image_size)
+        return sample_at(features.depth, grid)[..., 0] * mask
+
+    def forward(self, images: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor | None = None, return_aux: bool = False):
+        features = self.encode(images)
+        depth = self.decode(features, queries, mask)
+        return {"depth": depth, "dense_depth": features.depth} if return_aux else depth
+
+
+def load_baseline(spec: str, device: str | torch.device = "cpu", input_mode: InputMode = "fair") -> DepthAnythingBaseline:
+    """`random` for a randomly initialised DAv2-S, else a local Hugging Face model folder."""
+    model = DepthAnythingBaseline(None if spec == "random" else spec, input_mode)
+    return model.to(device).eval()

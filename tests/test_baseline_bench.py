@@ -1,0 +1,59 @@
+"""The Depth Anything V2-S baseline and `spd bench` (issue 6)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from spd.models.baseline import DepthAnythingBaseline, DenseDepth, baseline_input_size  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    torch.manual_seed(0)
+    return DepthAnythingBaseline().eval()
+
+
+def test_parameter_count_is_dav2_small(baseline):
+    count = sum(p.numel() for p in baseline.parameters())
+    assert abs(count - 24.8e6) / 24.8e6 < 0.01, count
+
+
+def test_input_sizes():
+    assert baseline_input_size(480, 640, "fair") == (476, 644)
+    assert baseline_input_size(480, 640, "official") == (518, 686)
+
+
+def test_queries_sample_the_dense_map(baseline):
+    depth_map = torch.arange(6 * 8, dtype=torch.float32).view(1, 1, 6, 8) + 1
+    features = DenseDepth(depth_map, (6, 8))
+    queries = torch.tensor([[[0.0, 0.0], [7.0, 5.0], [3.0, 2.0], [3.5, 2.0]]])
+    out = baseline.decode(features, queries)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 48.0, 20.0, 20.5]]))
+    with pytest.raises(ValueError, match="k=1"):
+        baseline.decode(features, torch.tensor([[[0.0, 0.0], [9.0, 0.0]]]))
+
+
+def test_baseline_end_to_end_shapes(baseline):
+    with torch.no_grad():
+        out = baseline(torch.randn(1, 3, 60, 90), torch.tensor([[[1.0, 2.0], [80.0, 50.0]]]), return_aux=True)
+    assert out["depth"].shape == (1, 2) and out["dense_depth"].shape == (1, 1, 60, 90)
+    assert (out["depth"] > 0).all() and (out["depth"] <= 10).all()
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "spd.cli", "bench", "--height", "64", "--width", "96", "--k", "1,16",
+                    "--repeat", "1", "--json", str(out), "--plot", str(tmp_path / "bench.png")],
+                   check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    for key in ("encode_ms", "decode_ms", "total_ms"):
+        assert key in result["spd"]
+    assert set(result["spd"]["decode_ms"]) == {"1", "16"} and set(result["ratio_total"]) == {"1", "16"}
+    assert result["baseline"]["total_ms"] > 0 and result["macs"]["baseline"] > result["macs"]["encode"] > 0
+    assert 0 < result["macs"]["decode_per_query"] and {"device", "torch", "threads"} <= set(result)
+    assert (tmp_path / "bench.png").stat().st_size > 10_000

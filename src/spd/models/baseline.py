@@ -27,7 +27,7 @@ InputMode = Literal["fair", "official"]
 PATCH = 14
 
 
-def _dav2_small_config(max_depth: float):
+def _dav2_small_config(max_depth: int):
     from transformers import DepthAnythingConfig, Dinov2Config
 
     backbone = Dinov2Config(
@@ -37,7 +37,7 @@ def _dav2_small_config(max_depth: float):
     return DepthAnythingConfig(
         backbone_config=backbone, reassemble_hidden_size=384, neck_hidden_sizes=[48, 96, 192, 384],
         fusion_hidden_size=64, head_hidden_size=32, reassemble_factors=[4, 2, 1, 0.5], patch_size=PATCH,
-        depth_estimation_type="metric", max_depth=max_depth,
+        depth_estimation_type="metric", max_depth=int(max_depth),  # transformers 5 types it as int
     )
 
 
@@ -71,7 +71,7 @@ class DepthAnythingBaseline(nn.Module):
         decode: queries (B, K, 2) pixel (u, v) -> (B, K) metres (bilinear samples of the map).
     """
 
-    def __init__(self, weights_dir: str | Path | None = None, input_mode: InputMode = "fair", max_depth: float = 10.0):
+    def __init__(self, weights_dir: str | Path | None = None, input_mode: InputMode = "fair", max_depth: int = 10):
         super().__init__()
         from transformers import DepthAnythingForDepthEstimation
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.models.geometry import bilinear_splat, sample_at
+from spd.models.geometry import SplatPlan, sample_at
 
 
 def depthwise3x3(dim: int) -> nn.Conv2d:
@@ -23,9 +23,10 @@ class CanvasSublayer(nn.Module):
     """One canvas write-cascade-smooth-read step.
 
     Shape:
-        forward: h (B, K, d), grid (B, K, 2) normalised, mask (B, K) bool,
-        canvas [L2 (B, d, H/8, W/8), L3 (B, d, H/16, W/16), L4 (B, d, H/32, W/32)]
-        -> (read (B, K, d), the updated canvas list).
+        forward: h (B, K, d), grid (B, K, 2) normalised, plans (one SplatPlan per level, made once
+        per decode call), canvas [L2 (B, d, H/8, W/8), L3 (B, d, H/16, W/16), L4 (B, d, H/32, W/32)]
+        -> (read (B, K, d), the updated canvas list). Canvas maps live in channels-last memory:
+        depthwise convolutions and sampling are many times faster that way on CPU.
     """
 
     def __init__(self, d_model: int) -> None:
@@ -40,14 +41,13 @@ class CanvasSublayer(nn.Module):
         self.read = nn.Linear(3 * d_model, d_model)
 
     def forward(
-        self, h: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor, canvas: list[torch.Tensor]
+        self, h: torch.Tensor, grid: torch.Tensor, plans: list[SplatPlan], canvas: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # 1. Write: soft mean, so empty cells stay unchanged and magnitude does not grow with K.
         written = self.write(h)
         updated = []
-        for level in canvas:
-            weighted_sum, weight_sum = bilinear_splat(written, grid, mask, tuple(level.shape[-2:]))
-            updated.append(level + weighted_sum / (weight_sum + 1.0))
+        for level, plan in zip(canvas, plans):
+            updated.append(level + plan.splat(written) / (plan.weight_sum + 1.0))
         l2, l3, l4 = updated
         # 2. Joint-gate cascade, coarse to fine (the plan's §6.4 code).
         l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)

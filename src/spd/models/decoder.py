@@ -18,7 +18,7 @@ class DecoderLayer(nn.Module):
         q2q_self_attn: v14 ablation; adds query self-attention between canvas and FFN.
 
     Shape:
-        forward: h (B, K, d), grid (B, K, 2), mask (B, K), canvas [3 maps], plus
+        forward: h (B, K, d), grid (B, K, 2), mask (B, K), canvas [3 maps], splat plans, plus
         `maps` (4 value maps) for "msda" or `global_kv` (keys, values) for "global"
         -> (h (B, K, d), canvas).
     """
@@ -57,6 +57,7 @@ class DecoderLayer(nn.Module):
         grid: torch.Tensor,
         mask: torch.Tensor,
         canvas: list[torch.Tensor],
+        plans: list,
         maps: list[torch.Tensor] | None = None,
         global_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -64,7 +65,7 @@ class DecoderLayer(nn.Module):
             h = h + self.cross(self.norm_cross(h), grid, maps)
         else:
             h = h + self.cross(self.norm_cross(h), *global_kv)
-        read, canvas = self.canvas(self.norm_canvas(h), grid, mask, canvas)
+        read, canvas = self.canvas(self.norm_canvas(h), grid, plans, canvas)
         h = h + read
         if self.q2q is not None:
             h = h + self.q2q(self.norm_q2q(h), mask)

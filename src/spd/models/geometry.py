@@ -9,6 +9,8 @@ query is the same at every level: `x_n = (2u + 1) / W_pad - 1`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -50,46 +52,62 @@ def sample_at(feature: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return sampled.squeeze(3).transpose(1, 2)  # (B, C, K, 1) -> (B, K, C)
 
 
-def bilinear_splat(
-    values: torch.Tensor, grid: torch.Tensor, weights_mask: torch.Tensor, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adjoint of `sample_at`: scatters per-query values into a map with bilinear weights.
-
-    The four cells around each point receive `beta * value`, with the same weights `beta` that
-    bilinear sampling at that point would use (align_corners=False); cells outside the map are
-    dropped, and queries whose mask is False write nothing.
+@dataclass
+class SplatPlan:
+    """Where and how strongly each query writes into one map: the four bilinear corners of its
+    position (align_corners=False, the weights `sample_at` would use), computed once per decode call
+    and reused by every decoder layer, since the queries do not move.
 
     Shape:
-        values: (B, K, C); grid: (B, K, 2) normalised; weights_mask: (B, K) bool; size: (h, w).
-        Returns (weighted_sum (B, C, h, w), weight_sum (B, 1, h, w)).
+        index (B, 4K) flat cell indices; beta (B, 4K) weights, 0 for corners outside the map and for
+        masked queries; weight_sum (B, 1, h, w) = the sum of beta per cell.
     """
-    batch, num_queries, channels = values.shape
+
+    index: torch.Tensor
+    beta: torch.Tensor
+    size: tuple[int, int]
+    weight_sum: torch.Tensor
+
+    def splat(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of beta * value per cell. values (B, K, C) -> (B, C, h, w) in channels-last memory."""
+        batch, num_queries, channels = values.shape
+        height, width = self.size
+        contributions = (values.unsqueeze(2) * self.beta.view(batch, num_queries, 4, 1)).view(batch, -1, channels)
+        flat = values.new_zeros(batch, height * width, channels)
+        flat.scatter_add_(1, self.index.unsqueeze(-1).expand(-1, -1, channels), contributions)
+        return flat.view(batch, height, width, channels).permute(0, 3, 1, 2)  # a view, no copy
+
+
+def make_splat_plan(grid: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> SplatPlan:
+    """Shape: grid (B, K, 2) normalised, mask (B, K) bool, size (h, w) -> SplatPlan."""
+    batch = grid.shape[0]
     height, width = size
     # Continuous cell coordinates: cell centres at integers.
     x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0  # (B, K)
     y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0
     x0, y0 = torch.floor(x), torch.floor(y)
     fx, fy = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
-    live = weights_mask.to(values.dtype)
+    cx = torch.stack([x0, x0 + 1, x0, x0 + 1], -1).long()  # (B, K, 4)
+    cy = torch.stack([y0, y0, y0 + 1, y0 + 1], -1).long()
+    beta = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height) & mask.unsqueeze(-1)
+    beta = torch.where(inside, beta, torch.zeros_like(beta)).view(batch, -1)
+    index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).view(batch, -1)
+    weight_sum = beta.new_zeros(batch, height * width).scatter_add_(1, index, beta).view(batch, 1, height, width)
+    return SplatPlan(index, beta, size, weight_sum)
 
-    flat_values = values.new_zeros(batch, height * width, channels)
-    flat_weights = values.new_zeros(batch, height * width, 1)
-    for dx, dy, beta in (
-        (0, 0, (1 - fx) * (1 - fy)),
-        (1, 0, fx * (1 - fy)),
-        (0, 1, (1 - fx) * fy),
-        (1, 1, fx * fy),
-    ):
-        cx, cy = x0 + dx, y0 + dy
-        inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
-        beta = beta * live * inside.to(values.dtype)  # (B, K)
-        index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).unsqueeze(-1)  # (B, K, 1)
-        flat_values = flat_values.scatter_add(1, index.expand(-1, -1, channels), values * beta.unsqueeze(-1))
-        flat_weights = flat_weights.scatter_add(1, index, beta.unsqueeze(-1))
-    weighted_sum = flat_values.transpose(1, 2).reshape(batch, channels, height, width)
-    weight_sum = flat_weights.transpose(1, 2).reshape(batch, 1, height, width)
-    return weighted_sum, weight_sum
+
+def bilinear_splat(
+    values: torch.Tensor, grid: torch.Tensor, weights_mask: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adjoint of `sample_at`: scatters per-query values into a map with bilinear weights.
+
+    Shape:
+        values: (B, K, C); grid: (B, K, 2) normalised; weights_mask: (B, K) bool; size: (h, w).
+        Returns (weighted_sum (B, C, h, w), weight_sum (B, 1, h, w)).
+    """
+    plan = make_splat_plan(grid, weights_mask, size)
+    return plan.splat(values), plan.weight_sum
 
 
 def validate_queries(

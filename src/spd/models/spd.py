@@ -12,7 +12,7 @@ from torch import nn
 from spd.config import ModelConfig
 from spd.models.decoder import DecoderLayer
 from spd.models.encoder import Encoder
-from spd.models.geometry import pad_image, pixel_to_grid, validate_queries
+from spd.models.geometry import make_splat_plan, pad_image, pixel_to_grid, validate_queries
 from spd.models.heads import CanvasHead, DepthHead, PatchDenseHead
 from spd.models.ldrm import LocalRefinement
 from spd.models.neck import L4SelfAttention, Neck, PreCompute
@@ -148,12 +148,15 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         positions = (queries + 0.5) / queries.new_tensor([width, height])  # (B, K, 2) in [0, 1]
 
         h = self.seed([features.l1, features.l2, features.proj_l3, features.proj_l4], grid, positions)
-        canvas = [features.l2, features.proj_l3, features.proj_l4]
+        # The canvas lives in channels-last memory (fast depthwise convs); the queries' write
+        # positions are the same in every layer, so their bilinear corners are computed once.
+        canvas = [m.contiguous(memory_format=torch.channels_last) for m in (features.l2, features.proj_l3, features.proj_l4)]
+        plans = [make_splat_plan(grid, mask, tuple(level.shape[-2:])) for level in canvas]
         maps = [features.l1, features.l2, features.l3, features.l4]
         for layer in self.msda_layers:
-            h, canvas = layer(h, grid, mask, canvas, maps=maps)
+            h, canvas = layer(h, grid, mask, canvas, plans, maps=maps)
         for layer, global_kv in zip(self.global_layers, features.global_kv):
-            h, canvas = layer(h, grid, mask, canvas, global_kv=global_kv)
+            h, canvas = layer(h, grid, mask, canvas, plans, global_kv=global_kv)
 
         head_input, feat_patch = h, None
         if self.ldrm is not None:

@@ -24,3 +24,6 @@ test-all: install
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+
+demo: install
+	$(BIN)/spd demo --out demo_out

@@ -20,7 +20,7 @@ from spd.engine.train import lr_schedule
 from spd.losses import depth_at_queries, silog_per_image, spd_losses
 
 TINY = [
-    "data.num_queries=32", "batch_size=2", "data.workers=0", "eval.every_steps=0", "eval.limit=2",
+    "data.num_queries=32", "batch_size=2", "ckpt_every=1000", "data.workers=0", "eval.every_steps=0", "eval.limit=2",
     "eval.num_queries=64", "log_every=1", "keep_last=0", "deterministic=true", "optim.warmup_steps=2",
 ]
 
@@ -178,3 +178,36 @@ def test_mixin_save_pretrained_from_pretrained(tmp_path, tiny_model):
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
     again = spd.SPD.from_pretrained(str(tmp_path / "hf"))
     assert again.config == spd.load_model(tmp_path / "hf").config
+
+
+def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, synth_root):
+    from spd.engine.train import train
+    from spd.train_config import load_config
+
+    cfg = load_config("v15_tiny_synth", TINY + ["optim.lr=1e30", "optim.warmup_steps=1", "max_nonfinite=3",
+                                                "optim.grad_clip=1e30"])
+    cfg.max_steps = 20
+    with pytest.raises(FloatingPointError, match="3 consecutive non-finite"):
+        train(cfg, synth_root, tmp_path / "nan", progress=False)
+
+
+@pytest.mark.slow
+def test_tiny_config_beats_the_median_predictor(tmp_path):
+    """A few hundred steps of v15_tiny_synth on fresh synthetic data (about 3 minutes on 2 cores).
+
+    Measured when written: 400 steps -> val abs_rel 0.29 against the median predictor's 0.45."""
+    from spd.data import NYUDepth
+    from spd.data.synthetic import generate
+    from spd.engine.evaluate import evaluate
+    from spd.engine.train import train
+    from spd.models.reference import ConstantDepth, median_training_depth
+    from spd.train_config import load_config
+
+    root = generate(tmp_path / "data", 300, 50, (120, 160), holes=True, seed=0, progress=False)
+    cfg = load_config("v15_tiny_synth", ["eval.every_steps=0", "eval.limit=null"])
+    cfg.max_steps = 400
+    result = train(cfg, root, tmp_path / "run", progress=False)
+    test = NYUDepth(root / "official_splits/test", root / "test_files.txt", split="test", num_queries=256, eval_crop="none")
+    median = median_training_depth(NYUDepth(root / "sync", root / "train_files.txt", split="test", min_depth=0.1))
+    median_metrics, _ = evaluate(ConstantDepth(median), test, "sparse", crop="none", progress=False)
+    assert result["last_val"]["abs_rel"] < 0.8 * median_metrics["abs_rel"]

@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end to end on synthetic data: data, training, evaluation, figures (CPU, minutes)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--n-train", type=int, default=300, help="synthetic training frames (default 300)")
+    p.add_argument("--n-train", type=int, default=1000, help="synthetic training frames (default 1000)")
     p.add_argument("--n-test", type=int, default=50, help="synthetic test frames (default 50)")
     p.add_argument("--size", type=_parse_size, default=(120, 160), help="frame size HxW (default 120x160)")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the v15_tiny_synth config's)")

@@ -35,7 +35,7 @@ def _markdown_table(rows: dict[str, dict[str, float]]) -> str:
 
 def run_demo(
     out: str | Path = "demo_out",
-    n_train: int = 300,
+    n_train: int = 1000,
     n_test: int = 50,
     size: tuple[int, int] = (120, 160),
     max_steps: int | None = None,

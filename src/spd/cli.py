@@ -256,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="1,16,64,256,1024,4096", help="comma-separated query counts")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (default fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models' encoders (SPD's decoder stays eager)")
     p.add_argument("--channels-last", action="store_true", help="run the SPD encoder in channels-last memory format")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per figure; the median is reported (default 5)")
+    p.add_argument("--repeat", type=int, default=7, help="timed runs per figure; the median is reported (default 7)")
     p.add_argument("--baseline-input", choices=["fair", "official"], default="fair",
                    help="fair: 476x644 for 480x640 (same pixel count); official: short side 518")
     p.add_argument("--json", default=None, help="write all figures as JSON here")

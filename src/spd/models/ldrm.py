@@ -99,10 +99,17 @@ class LocalRefinement(nn.Module):
         f = position.floor().clamp(0, 3).long().reshape(-1, 2)  # (N, 2) x, y
         s = (f >= 2).long()
         cells = self.gather_patches(l1, origin, 5, offset=center - 2)  # (N, C, 5, 5): cells [c-2, c+2]
-        up_14 = _select_window(_upsample2(cells), 2 + s, 6)  # up_14[2c-2+s : 2c+4+s]
+        # Bilinear x2 upsampling restricted to a window is a fixed linear map per window start:
+        # apply it as two small batched matmuls instead of upsampling everything and cropping.
+        up_5 = _upsample_matrix(5, cells)  # (10, 5)
+        windows_14 = torch.stack([up_5[2:8], up_5[3:9]])  # (2, 6, 5): up_14[2c-2+s : 2c+4+s] for s = 0, 1
+        up_14 = _apply_separable(cells, windows_14[s[:, 1]], windows_14[s[:, 0]])  # (N, C, 6, 6)
         feat_14 = F.gelu(F.conv2d(up_14, self.conv_mid.weight, self.conv_mid.bias))  # valid: 6 -> 4
         feat_14 = feat_14 + self.conv_residual(up_14[..., 1:-1, 1:-1])  # feat_14[2c-1+s : 2c+3+s]
-        up_28 = _select_window(_upsample2(feat_14), f + 1 - 2 * s, 4)  # up_28[4c+f-1 : 4c+f+3]
+        up_4 = _upsample_matrix(4, feat_14)  # (8, 4)
+        windows_28 = torch.stack([up_4[1:5], up_4[2:6]])  # (2, 4, 4): window start f+1-2s in {1, 2}
+        start = f - 2 * s
+        up_28 = _apply_separable(feat_14, windows_28[start[:, 1]], windows_28[start[:, 0]])  # up_28[4c+f-1 : 4c+f+3]
         feat_28 = F.gelu(F.conv2d(up_28, self.conv_out.weight, self.conv_out.bias))  # (N, D, 2, 2)
         frac = position.reshape(-1, 2) - f.to(position.dtype)  # (N, 2) in [0, 1)
         ax, ay = frac[:, 0, None], frac[:, 1, None]
@@ -120,10 +127,24 @@ class LocalRefinement(nn.Module):
         return F.grid_sample(feat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).flatten(1)
 
 
-def _select_window(x: torch.Tensor, start: torch.Tensor, size: int) -> torch.Tensor:
-    """Per-sample square window. x (N, C, h, w), start (N, 2) long (x, y) -> (N, C, size, size)."""
-    steps = torch.arange(size, device=x.device)
-    rows = (start[:, 1, None] + steps)[:, :, None]  # (N, size, 1)
-    cols = (start[:, 0, None] + steps)[:, None, :]  # (N, 1, size)
-    batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
-    return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (N, size, size, C) -> (N, C, s, s)
+
+def _upsample_matrix(size: int, like: torch.Tensor) -> torch.Tensor:
+    """(2*size, size) matrix of bilinear x2 upsampling with align_corners=False (as F.interpolate)."""
+    matrix = torch.zeros(2 * size, size, dtype=like.dtype, device=like.device)
+    for out in range(2 * size):
+        source = max(0.0, (out + 0.5) / 2 - 0.5)
+        low = min(int(source), size - 1)
+        high = min(low + 1, size - 1)
+        weight = source - low
+        matrix[out, low] += 1 - weight
+        matrix[out, high] += weight
+    return matrix
+
+
+def _apply_separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Per-sample separable linear map rows @ x @ cols^T. x (N, C, h, w), rows (N, h', h), cols (N, w', w)."""
+    n, c, h, w = x.shape
+    x = torch.bmm(x.reshape(n, c * h, w), cols.transpose(1, 2))  # (N, C*h, w')
+    x = x.view(n, c, h, -1).transpose(1, 2).reshape(n, h, -1)  # (N, h, C*w')
+    x = torch.bmm(rows, x)  # (N, h', C*w')
+    return x.view(n, rows.shape[1], c, -1).transpose(1, 2)  # (N, C, h', w')

@@ -130,3 +130,14 @@ def test_spd_predict_cli_writes_json_csv_and_a_readable_overlay(tmp_path, tiny_m
     assert (tmp_path / "o.csv").read_text().count("\n") == 17
     bad = subprocess.run(base + ["--points", "10,20;500,30"], capture_output=True, text=True)
     assert bad.returncode != 0 and "point 1" in bad.stderr
+
+
+def test_torch_hub_entry_point(tmp_path, tiny_model):
+    from pathlib import Path
+
+    folder = save_model(tiny_model, tmp_path / "model")
+    repo = Path(__file__).resolve().parents[1]
+    model = torch.hub.load(str(repo), "spd_v15", source="local", weights=str(folder))
+    images, queries = torch.randn(1, 3, 64, 96), torch.tensor([[[5.0, 6.0]]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, queries), tiny_model(images, queries))

@@ -55,7 +55,8 @@ def _msda(order: str) -> MSDeformableAttention:
 @pytest.mark.parametrize("order", ["project_first", "sample_first", "auto"])
 def test_msda_matches_per_level_grid_sample_reference(order):
     module = _msda(order)
-    maps = [torch.randn(2, c, h, w, dtype=torch.float64) for c, (h, w) in zip((64, 64, 48, 80), [(16, 24), (8, 12), (4, 6), (2, 3)])]
+    sizes = [(16, 24), (8, 12), (4, 6), (2, 3)]
+    maps = [torch.randn(2, c, h, w, dtype=torch.float64) for c, (h, w) in zip((64, 64, 48, 80), sizes)]
     h = torch.randn(2, 13, 64, dtype=torch.float64)
     grid = torch.rand(2, 13, 2, dtype=torch.float64) * 2 - 1
     locations, weights = module.sampling(h, grid, [m.shape[-2:] for m in maps])

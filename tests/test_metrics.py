@@ -21,7 +21,8 @@ def bts_compute_errors(gt, pred):
     err = np.log(pred) - np.log(gt)
     silog = np.sqrt(np.mean(err**2) - np.mean(err) ** 2) * 100
     log10 = np.mean(np.abs(np.log10(gt) - np.log10(pred)))
-    return dict(silog=silog, log10=log10, abs_rel=abs_rel, sq_rel=sq_rel, rmse=rms, rmse_log=log_rms, delta1=d1, delta2=d2, delta3=d3)
+    return dict(silog=silog, log10=log10, abs_rel=abs_rel, sq_rel=sq_rel, rmse=rms, rmse_log=log_rms,
+                delta1=d1, delta2=d2, delta3=d3)
 
 
 def test_hand_computed_values():

@@ -82,7 +82,8 @@ def run_bench(
     image = torch.randn(1, 3, height, width, device=dev)
     if channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
-    queries = {k: (torch.rand(1, k, 2, generator=torch.Generator().manual_seed(k)) * torch.tensor([width - 1.0, height - 1.0])).to(dev) for k in ks}
+    scale = torch.tensor([width - 1.0, height - 1.0])
+    queries = {k: (torch.rand(1, k, 2, generator=torch.Generator().manual_seed(k)) * scale).to(dev) for k in ks}
 
     encode, decode, base_encode = spd_model.encode, spd_model.decode, baseline.encode
     if compile:

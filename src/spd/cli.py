@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder or Hub id; also median:<metres> or baseline:<folder|random>")
     p.add_argument("--data-root", required=True, help="folder the list's paths are relative to (e.g. nyu/official_splits/test)")
     p.add_argument("--filelist", default=None,
-                   help="split list (default: <root>/../../test_files.txt as `spd synth` writes, else the bundled Eigen test list)")
+                   help="split list (default: <root>/../../test_files.txt as `spd synth` writes it, "
+                        "else the bundled Eigen test list)")
     p.add_argument("--protocol", choices=["sparse", "dense"], default="sparse",
                    help="sparse: K fixed-seed points per image; dense: every valid pixel of the crop (default sparse)")
     p.add_argument("--k", type=int, default=256, help="points per image for the sparse protocol (default 256)")

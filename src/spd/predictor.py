@@ -140,7 +140,10 @@ class Predictor:
         count = queries.shape[0]
         if count == 0:
             return np.zeros(0, dtype=np.float32)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)) if count > self.chunk_size else torch.arange(count)
+        if count > self.chunk_size:
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed))
+        else:
+            order = torch.arange(count)
         shuffled = queries[order].to(self.device)
         depth = torch.cat([self.model.decode(features.features, part[None])[0] for part in shuffled.split(self.chunk_size)])
         out = torch.empty(count, dtype=torch.float32)

@@ -132,7 +132,9 @@ def render_frame(seed: int, height: int = 480, width: int = 640) -> tuple[np.nda
         n_surfaces += 1
     for _ in range(rng.integers(0, 4)):  # spheres (lamps, balls, plants)
         radius = rng.uniform(0.15, 0.5)
-        center = np.array([rng.uniform(radius, room[0] - radius), rng.uniform(radius, 2.0), rng.uniform(camera[2] + 1.0, room[2] - radius)])
+        center = np.array(
+            [rng.uniform(radius, room[0] - radius), rng.uniform(radius, 2.0), rng.uniform(camera[2] + 1.0, room[2] - radius)]
+        )
         t, normal = _intersect_sphere(camera, dirs, center, radius)
         closer = t < hit.t
         hit.t, hit.normal[closer], hit.surface[closer] = np.where(closer, t, hit.t), normal[closer], n_surfaces

@@ -223,7 +223,8 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
                 step_terms: dict[str, float] = {}
                 skipped = False
                 for micro in range(cfg.accum_steps):
-                    batch = {k: v.to(info.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+                    batch = {k: v.to(info.device, non_blocking=True) if torch.is_tensor(v) else v
+                             for k, v in next(batches).items()}
                     state["micro_in_epoch"] += 1
                     sync = nullcontext() if (micro == cfg.accum_steps - 1 or not info.distributed) else net.no_sync()
                     with sync:
@@ -231,7 +232,8 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
                             out = net(batch["image"], batch["queries"], batch["query_mask"], return_aux=True)
                         out = {k: v.float() for k, v in out.items()}
                         origin = model.ldrm_patch_origin(batch["queries"]) if model.ldrm is not None else None
-                        terms = spd_losses(out, batch, origin, cfg.loss.canvas_weight, cfg.loss.patch_weight, cfg.loss.silog_lambda)
+                        terms = spd_losses(out, batch, origin, cfg.loss.canvas_weight, cfg.loss.patch_weight,
+                                           cfg.loss.silog_lambda)
                         if dist_utils.any_true(not bool(torch.isfinite(terms["total"])), info):
                             skipped = True
                             break

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,16 +45,6 @@ class EncodedFeatures:
     @property
     def padded_size(self) -> tuple[int, int]:
         return self.l1.shape[-2] * 4, self.l1.shape[-1] * 4
-
-    def select(self, index: int | slice) -> "EncodedFeatures":
-        """Features of a subset of the batch (keeps the batch dimension)."""
-        index = slice(index, index + 1) if isinstance(index, int) else index
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return EncodedFeatures(
-            **{k: v[index] for k, v in tensors.items() if isinstance(v, torch.Tensor)},
-            global_kv=[(k[index], v[index]) for k, v in self.global_kv],
-            image_size=self.image_size,
-        )
 
 
 class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-estimation", "sparse-depth"]):
@@ -201,9 +190,9 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
 
     # ------------------------------------------------------------------------------------------
     def param_groups(self, lr: float, encoder_lr_scale: float = 0.1, weight_decay: float = 0.01) -> list[dict]:
-        """AdamW groups owned by the model: encoder at `encoder_lr_scale` x LR; no weight decay on
-        tensors with fewer than 2 dims (norms, biases, the log-scale `s`) or on the canvas gates'
-        depthwise kernels' biases. Gate and norm weights are 1-D, so `p.dim() < 2` covers them."""
+        """AdamW groups owned by the model: encoder at `encoder_lr_scale` x LR, the rest at LR; no
+        weight decay on tensors with fewer than 2 dims (norms, biases, GRN gains, the log-scale `s`).
+        Each group carries `lr_scale` so the training loop can apply its per-step schedule."""
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:

@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from spd.data import NYUDepth
+from spd.data import NYUDepth, read_rgb
 from spd.data.synthetic import TEST_DIR, TRAIN_DIR, generate
 from spd.engine.checkpoint import load_model
 from spd.engine.evaluate import evaluate
@@ -76,9 +75,7 @@ def run_demo(
     for index in range(len(test_set)):
         sample = test_set[index]
         queries = sample["queries"][sample["query_mask"]]
-        rgb = ((sample["image"] * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-                + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)).clamp(0, 1) * 255).round().byte()
-        rgb = rgb.permute(1, 2, 0).numpy()
+        rgb = read_rgb(test_set.entries[index].rgb)  # the predictor gets the image as a user would
         u, v = queries.long().unbind(-1)
         start = time.perf_counter()
         preds.append(predictor.predict(rgb, queries.numpy()))

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spd.models.geometry import gather_windows as gather_patches  # noqa: F401 - the LDRM GT crops
+
 CropName = Literal["eigen", "garg", "none"]
 EIGEN_CROP = (45, 471, 41, 601)  # rows, cols (end exclusive) of a 480 x 640 NYU frame (BTS / ZoeDepth)
 GARG_CROP_FRACTIONS = (0.40810811, 0.99189189, 0.03594771, 0.96405229)  # ZoeDepth's garg_crop, any size
@@ -78,27 +80,6 @@ def sample_eval_queries(
     mask = torch.zeros(k, dtype=torch.bool)
     mask[:count] = True
     return queries, mask
-
-
-def gather_patches(maps: torch.Tensor, origin: torch.Tensor, size: int) -> torch.Tensor:
-    """`size` x `size` crops of per-pixel maps at integer top-left pixels; zeros outside.
-
-    Used for the LDRM GT: crop (j, i) of query k is map pixel (origin_x + i, origin_y + j), which is
-    exactly where the model's `ldrm_patch_depth[k, j, i]` lies.
-
-    Shape:
-        maps: (B, C, H, W); origin: (B, K, 2) long pixel (x, y). Returns (B, K, C, size, size).
-    """
-    batch, channels, height, width = maps.shape
-    num_queries = origin.shape[1]
-    padded = F.pad(maps, (size, size, size, size))
-    steps = torch.arange(size, device=maps.device)
-    cols = (origin[..., 0, None] + size + steps).clamp(0, width + 2 * size - 1)  # (B, K, size)
-    rows = (origin[..., 1, None] + size + steps).clamp(0, height + 2 * size - 1)
-    index = rows[..., :, None] * (width + 2 * size) + cols[..., None, :]  # (B, K, size, size)
-    flat = padded.flatten(2)
-    out = torch.gather(flat, 2, index.view(batch, 1, -1).expand(-1, channels, -1))
-    return out.view(batch, channels, num_queries, size, size).transpose(1, 2)
 
 
 def downsample_valid_mean(depth: torch.Tensor, valid: torch.Tensor, stride: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

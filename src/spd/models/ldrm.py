@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd.models.geometry import gather_windows
+
 L1_STRIDE = 4
 
 
@@ -50,20 +52,7 @@ class LocalRefinement(nn.Module):
 
         Shape: l1 (B, C, h, w), origin (B, K, 2) -> (B*K, C, size, size).
         """
-        batch, channels, height, width = l1.shape
-        num_queries = origin.shape[1]
-        # Queries lie within half a pixel of the image, so a patch reaches at most P//2 + 1 cells out.
-        margin = self.patch // 2 + 1
-        padded = F.pad(l1, (margin, margin, margin, margin))
-        padded_width = width + 2 * margin
-        steps = torch.arange(size, device=l1.device)
-        cols = origin[..., 0, None] + offset + margin + steps  # (B, K, size)
-        rows = origin[..., 1, None] + offset + margin + steps
-        index = rows[..., :, None] * padded_width + cols[..., None, :]  # (B, K, size, size)
-        flat = padded.flatten(2)  # (B, C, N)
-        gathered = torch.gather(flat, 2, index.view(batch, 1, -1).expand(-1, channels, -1))
-        gathered = gathered.view(batch, channels, num_queries, size, size).transpose(1, 2)  # (B, K, C, s, s)
-        return gathered.reshape(batch * num_queries, channels, size, size)
+        return gather_windows(l1, origin + offset, size).flatten(0, 1)
 
     def full_patch(self, patches: torch.Tensor) -> torch.Tensor:
         """(B*K, C, P, P) -> feat_28 (B*K, out_dim, 4P, 4P), the plan's DPT-style upsampling."""

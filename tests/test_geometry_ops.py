@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spd.models.geometry import bilinear_splat, padded_size, pixel_to_grid, sample_at
+from spd.models.geometry import bilinear_splat, make_splat_plan, padded_size, pixel_to_grid, sample_at
 from spd.models.ldrm import LocalRefinement, _upsample2
 from spd.models.msda import MSDeformableAttention, msda_aggregate_reference
 
@@ -41,6 +41,24 @@ def test_splat_is_the_adjoint_of_sampling():
     torch.testing.assert_close(lhs, rhs)
 
 
+def test_plan_reads_and_soft_mean_writes_match_grid_sample_and_dense_splat():
+    """SplatPlan's gather read == sample_at, and its in-place soft-mean write == the dense formula."""
+    torch.manual_seed(0)
+    level = torch.randn(2, 5, 6, 9).contiguous(memory_format=torch.channels_last)
+    grid = torch.rand(2, 11, 2) * 2.4 - 1.2  # some points outside
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 4] = False
+    plan = make_splat_plan(grid, mask, (6, 9))
+    scale = torch.rand(2, 11)
+    expected = sample_at(level, grid) * scale[..., None] * mask[..., None]
+    torch.testing.assert_close(plan.read(level, scale), expected)
+    values = torch.randn(2, 11, 5)
+    dense = level + plan.splat(values) / (plan.weight_sum + 1.0)
+    torch.testing.assert_close(plan.add_soft_mean_(level.clone(), values), dense)
+    with pytest.raises(ValueError, match="channels-last"):
+        plan.add_soft_mean_(torch.zeros(2, 5, 6, 9), values)
+
+
 def _msda(order: str) -> MSDeformableAttention:
     torch.manual_seed(0)
     module = MSDeformableAttention(
@@ -60,9 +78,26 @@ def test_msda_matches_per_level_grid_sample_reference(order):
     h = torch.randn(2, 13, 64, dtype=torch.float64)
     grid = torch.rand(2, 13, 2, dtype=torch.float64) * 2 - 1
     locations, weights = module.sampling(h, grid, [m.shape[-2:] for m in maps])
-    torch.testing.assert_close(
-        module.aggregate(maps, locations, weights), msda_aggregate_reference(module, maps, locations, weights)
-    )
+    reference = msda_aggregate_reference(module, maps, locations, weights)
+    values = module.value_maps(maps)
+    torch.testing.assert_close(module.aggregate(values, locations, weights), reference)
+    if order != "sample_first":  # the inference gather path needs every level d-wide
+        torch.testing.assert_close(module.aggregate_gather(h, grid, values), reference)
+
+
+def test_msda_gather_path_matches_in_float32_with_points_outside():
+    """The inference path (one embedding_bag per level) against grid_sample, fp32, 1e-5 relative."""
+    module = _msda("auto").float()
+    with torch.no_grad():
+        module.sampling_offsets.weight.normal_(0, 3.0)  # many points land outside the maps
+    maps = [torch.randn(3, c, h, w) for c, (h, w) in zip((64, 64, 48, 80), [(15, 21), (8, 11), (4, 6), (2, 3)])]
+    h = torch.randn(3, 50, 64)
+    grid = torch.rand(3, 50, 2) * 2 - 1
+    with torch.no_grad():
+        values = module.value_maps(maps)
+        fast = module(h, grid, values, fast=True)
+        reference = module(h, grid, values, fast=False)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
 
 def test_msda_value_projection_orders_agree_and_gradcheck():
@@ -70,9 +105,14 @@ def test_msda_value_projection_orders_agree_and_gradcheck():
     maps = [torch.randn(1, c, h, w, dtype=torch.float64) for c, (h, w) in zip((64, 64, 48, 80), [(8, 8), (4, 4), (2, 2), (1, 1)])]
     h = torch.randn(1, 5, 64, dtype=torch.float64)
     grid = torch.rand(1, 5, 2, dtype=torch.float64) * 2 - 1
-    torch.testing.assert_close(first(h, grid, maps), second(h, grid, maps))
+    torch.testing.assert_close(first(h, grid, first.value_maps(maps)), second(h, grid, second.value_maps(maps)))
     level3 = maps[2].clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda m: second(h, grid, [maps[0], maps[1], m, maps[3]]), (level3,))
+    assert torch.autograd.gradcheck(
+        lambda m: second(h, grid, second.value_maps([maps[0], maps[1], m, maps[3]])), (level3,)
+    )
+    assert torch.autograd.gradcheck(
+        lambda m: first(h, grid, first.value_maps([maps[0], maps[1], m, maps[3]])), (level3,)
+    )
 
 
 def _ramp_l1(cells_h: int, cells_w: int) -> torch.Tensor:

@@ -180,3 +180,59 @@ def test_ablation_flags_build_and_run(overrides):
     with torch.no_grad():
         alone = model(images[1:], queries[1:, :6])
         torch.testing.assert_close(model(images, queries, mask)[1:, :6], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_folded_encoder_matches_timm_forward(batch):
+    """The eval-mode fast path (GRN folded into fc2) against timm's own forward."""
+    from spd.models.encoder import Encoder
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = Encoder("convnextv2_atto", fast=True).eval()
+    assert encoder.fast
+    with torch.no_grad():  # GRN starts as the identity (zero gain and bias): make it do something
+        for name, param in encoder.named_parameters():
+            if ".grn." in name:
+                param.normal_(0, 0.5)
+    images = torch.randn(batch, 3, 96, 64)
+    with torch.no_grad():
+        folded = encoder(images)
+        reference = encoder.backbone(images)
+    for a, b in zip(folded, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    encoder.train()  # training always runs timm's forward
+    assert all(torch.equal(a, b) for a, b in zip(encoder(images), encoder.backbone(images)))
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(q2q_self_attn=True, l4_self_attn_layers=1, global_projection=True)])
+def test_fast_decode_matches_reference_decode_and_leaves_features_intact(overrides):
+    """Inference fast paths (encoder folding, gathers, in-place canvas) == the reference paths."""
+    torch.manual_seed(0)
+    model = spd.build_model("v15-tiny", warn_random_encoder=False, **overrides).eval()
+    with torch.no_grad():  # non-trivial gates, offsets and GRN so that every path does real work
+        for name, param in model.named_parameters():
+            if any(key in name for key in ("grn", "sampling_offsets.weight", "attention_weights.weight", "gate")):
+                param.normal_(0, 0.3)
+    images = torch.randn(2, 3, 70, 101)
+    queries = torch.rand(2, 37, 2) * torch.tensor([100.0, 69.0]) - 0.25
+    mask = torch.rand(2, 37) > 0.2
+    with torch.no_grad():
+        features = model.encode(images)
+        snapshot = [t.clone() for t in (features.l1, features.l2, features.proj_l3, features.proj_l4)]
+        fast = model.decode(features, queries, mask)
+        fast_aux = model.decode(features, queries, mask, return_aux=True)
+        again = model.decode(features, queries, mask)
+        model.config.decoder_fast = model.config.encoder_fast = model.encoder.fast = False
+        reference_features = model.encode(images)
+        reference = model.decode(reference_features, queries, mask)
+        reference_aux = model.decode(reference_features, queries, mask, return_aux=True)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    for key in ("depth", "canvas_depth"):
+        torch.testing.assert_close(fast_aux[key], reference_aux[key], rtol=1e-5, atol=1e-6)
+    # Padded queries' patches are not defined (nothing reads them); real ones agree.
+    torch.testing.assert_close(fast_aux["ldrm_patch_depth"][mask], reference_aux["ldrm_patch_depth"][mask], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, fast, rtol=0, atol=0)  # the features were not consumed
+    for before, after in zip(snapshot, (features.l1, features.l2, features.proj_l3, features.proj_l4)):
+        assert torch.equal(before, after)

@@ -44,6 +44,8 @@ class ModelConfig:
     l4_self_attn_layers: int = 0  # v14-style self-attention layers over L4 tokens (v14 used 2)
     # --- speed knobs (exact; never change the result beyond float rounding) -------------------
     value_proj_order: Literal["auto", "project_first", "sample_first"] = "auto"  # L3/L4 MSDA values
+    encoder_fast: bool = True  # eval-mode encoder with GRN folded into fc2 (exact, encoder.py)
+    decoder_fast: bool = True  # inference: gathers instead of grid_sample, in-place canvas (exact)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

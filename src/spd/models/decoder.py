@@ -19,7 +19,8 @@ class DecoderLayer(nn.Module):
 
     Shape:
         forward: h (B, K, d), grid (B, K, 2), mask (B, K), canvas [3 maps], splat plans, plus
-        `maps` (4 value maps) for "msda" or `global_kv` (keys, values) for "global"
+        `values` (4 value maps from `MSDeformableAttention.value_maps`) for "msda" or `global_kv`
+        (keys, values) for "global"; `fast` selects the inference paths (no autograd)
         -> (h (B, K, d), canvas).
     """
 
@@ -58,14 +59,15 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor,
         canvas: list[torch.Tensor],
         plans: list,
-        maps: list[torch.Tensor] | None = None,
+        values: list[torch.Tensor] | None = None,
         global_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        fast: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.kind == "msda":
-            h = h + self.cross(self.norm_cross(h), grid, maps)
+            h = h + self.cross(self.norm_cross(h), grid, values, fast=fast)
         else:
             h = h + self.cross(self.norm_cross(h), *global_kv)
-        read, canvas = self.canvas(self.norm_canvas(h), grid, plans, canvas)
+        read, canvas = self.canvas(self.norm_canvas(h), grid, plans, canvas, fast=fast)
         h = h + read
         if self.q2q is not None:
             h = h + self.q2q(self.norm_q2q(h), mask)

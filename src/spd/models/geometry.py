@@ -52,21 +52,75 @@ def sample_at(feature: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return sampled.squeeze(3).transpose(1, 2)  # (B, C, K, 1) -> (B, K, C)
 
 
+def bilinear_corners(grid: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four cells that bilinear sampling reads (align_corners=False, zeros outside), computed as
+    `F.grid_sample` computes them.
+
+    Shape:
+        grid: (..., 2) normalised; size: (h, w). Returns index (..., 4) long flat cell indices
+        `y * w + x` (clamped onto the map) and weight (..., 4), 0 for corners outside the map.
+    """
+    height, width = size
+    # Continuous cell coordinates: cell centres at integers.
+    x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0
+    y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0
+    return bilinear_corners_at_cells(x, y, size)
+
+
+def bilinear_corners_at_cells(x: torch.Tensor, y: torch.Tensor, size: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bilinear_corners` for continuous cell coordinates (cell centres at integers), shape (...).
+
+    `size` (h, w) may hold ints or integer tensors that broadcast against x[..., None] (several
+    maps at once, e.g. one size per level).
+    """
+    height, width = size
+    x0, y0 = torch.floor(x), torch.floor(y)
+    fx, fy = x - x0, y - y0
+    cx = torch.stack([x0, x0 + 1, x0, x0 + 1], -1).long()
+    cy = torch.stack([y0, y0, y0 + 1, y0 + 1], -1).long()
+    weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+    weight = torch.where(inside, weight, torch.zeros_like(weight))
+    index = cy.clamp(min=0).clamp(max=height - 1) * width + cx.clamp(min=0).clamp(max=width - 1)
+    return index, weight
+
+
+def channels_last_rows(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B*h*w, C), one row per cell; a view (no copy) of a channels-last map."""
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def weighted_gather(table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_j weight[..., j] * table[rows[..., j]] in one `embedding_bag` call: bilinear sampling (four
+    corners) or a whole deformable-attention head (levels x points x corners) without materialising
+    the gathered rows. The fast path beside `F.grid_sample`; tests hold them equal.
+
+    Shape: table (N, C); rows (..., J) long; weight (..., J) -> (..., C).
+    """
+    bags = rows.reshape(-1, rows.shape[-1])
+    out = F.embedding_bag(bags, table, per_sample_weights=weight.reshape(bags.shape).to(table.dtype), mode="sum")
+    return out.view(*rows.shape[:-1], table.shape[-1])
+
+
 @dataclass
 class SplatPlan:
-    """Where and how strongly each query writes into one map: the four bilinear corners of its
-    position (align_corners=False, the weights `sample_at` would use), computed once per decode call
-    and reused by every decoder layer, since the queries do not move.
+    """Where and how strongly each query reads from and writes into one map: the four bilinear
+    corners of its position (the weights `sample_at` uses), computed once per decode call and
+    reused by every decoder layer, since the queries do not move.
 
     Shape:
         index (B, 4K) flat cell indices; beta (B, 4K) weights, 0 for corners outside the map and for
-        masked queries; weight_sum (B, 1, h, w) = the sum of beta per cell.
+        masked queries; weight_sum (B, 1, h, w) = the sum of beta per cell; rows (B, K, 4) the
+        corners' rows in `channels_last_rows` of a (B, C, h, w) map; soft_beta (B, K, 4) =
+        beta / (weight_sum of its cell + 1), the canvas soft-mean weights.
     """
 
     index: torch.Tensor
     beta: torch.Tensor
     size: tuple[int, int]
     weight_sum: torch.Tensor
+    rows: torch.Tensor
+    soft_beta: torch.Tensor
 
     def splat(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of beta * value per cell. values (B, K, C) -> (B, C, h, w) in channels-last memory."""
@@ -77,24 +131,43 @@ class SplatPlan:
         flat.scatter_add_(1, self.index.unsqueeze(-1).expand(-1, -1, channels), contributions)
         return flat.view(batch, height, width, channels).permute(0, 3, 1, 2)  # a view, no copy
 
+    def add_soft_mean_(self, level: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """In place: `level += splat(values) / (weight_sum + 1)`, touching only the written cells.
+
+        The fast path of the canvas write (no dense zero map, division or addition); `level` must be
+        a channels-last (B, C, h, w) map owned by the caller. values (B, K, C). Returns `level`.
+        """
+        if not level.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("add_soft_mean_ needs a channels-last map (it writes through a row view)")
+        contributions = values.unsqueeze(2) * self.soft_beta.unsqueeze(-1)  # (B, K, 4, C)
+        channels_last_rows(level).index_add_(0, self.rows.reshape(-1), contributions.reshape(-1, values.shape[-1]))
+        return level
+
+    def read(self, level: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Bilinear samples of a channels-last (B, C, h, w) map at the queries -> (B, K, C), each
+        query's sample multiplied by `scale` (B, K) when given.
+
+        Equals `sample_at(level, grid)` for real queries; masked queries read 0.
+        """
+        beta = self.beta.view(self.rows.shape)
+        if scale is not None:
+            beta = beta * scale.unsqueeze(-1)
+        return weighted_gather(channels_last_rows(level), self.rows, beta)
+
 
 def make_splat_plan(grid: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> SplatPlan:
     """Shape: grid (B, K, 2) normalised, mask (B, K) bool, size (h, w) -> SplatPlan."""
-    batch = grid.shape[0]
+    batch, num_queries = grid.shape[:2]
     height, width = size
-    # Continuous cell coordinates: cell centres at integers.
-    x = ((grid[..., 0] + 1.0) * width - 1.0) / 2.0  # (B, K)
-    y = ((grid[..., 1] + 1.0) * height - 1.0) / 2.0
-    x0, y0 = torch.floor(x), torch.floor(y)
-    fx, fy = x - x0, y - y0
-    cx = torch.stack([x0, x0 + 1, x0, x0 + 1], -1).long()  # (B, K, 4)
-    cy = torch.stack([y0, y0, y0 + 1, y0 + 1], -1).long()
-    beta = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
-    inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height) & mask.unsqueeze(-1)
-    beta = torch.where(inside, beta, torch.zeros_like(beta)).view(batch, -1)
-    index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).view(batch, -1)
-    weight_sum = beta.new_zeros(batch, height * width).scatter_add_(1, index, beta).view(batch, 1, height, width)
-    return SplatPlan(index, beta, size, weight_sum)
+    corner_index, beta = bilinear_corners(grid, size)  # (B, K, 4)
+    beta = beta * mask.unsqueeze(-1)
+    index, beta = corner_index.view(batch, -1), beta.view(batch, -1)
+    weight_sum = beta.new_zeros(batch, height * width).scatter_add_(1, index, beta)
+    soft_beta = beta / (torch.gather(weight_sum, 1, index) + 1.0)
+    rows = corner_index + (torch.arange(batch, device=grid.device) * (height * width)).view(batch, 1, 1)
+    return SplatPlan(
+        index, beta, size, weight_sum.view(batch, 1, height, width), rows, soft_beta.view(batch, num_queries, 4)
+    )
 
 
 def bilinear_splat(
@@ -167,3 +240,4 @@ def gather_windows(maps: torch.Tensor, origin: torch.Tensor, size: int) -> torch
     flat = padded.flatten(2)
     out = torch.gather(flat, 2, index.view(batch, 1, -1).expand(-1, channels, -1))
     return out.view(batch, channels, num_queries, size, size).transpose(1, 2)
+

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.models.geometry import gather_windows
+from spd.models.geometry import bilinear_corners_at_cells, channels_last_rows, gather_windows, weighted_gather
 
 L1_STRIDE = 4
 
@@ -82,23 +82,36 @@ class LocalRefinement(nn.Module):
         come from four feat_14 values starting at 2c-1+s (s = f >= 2); the 3x3 conv there needs
         up_14[2c-2+s : 2c+4+s], interpolated from cells [c-2, c+2]. Within these windows every
         bilinear source coordinate is interior (no edge clamping), so window maths equals patch maths.
+
+        Layout: windows are channels-last, (N, y, x, C): up_14 is gathered straight from L1's rows
+        (a weighted `embedding_bag`) and the second x2 upsampling is one batched matmul with the
+        (2D) bilinear matrix picked by the window's start.
         """
         center = self.patch // 2
         position = offset_px - 4 * center  # (B, K, 2) in [0, 4): position inside the central cell
         f = position.floor().clamp(0, 3).long().reshape(-1, 2)  # (N, 2) x, y
         s = (f >= 2).long()
-        cells = self.gather_patches(l1, origin, 5, offset=center - 2)  # (N, C, 5, 5): cells [c-2, c+2]
-        # Bilinear x2 upsampling restricted to a window is a fixed linear map per window start:
-        # apply it as two small batched matmuls instead of upsampling everything and cropping.
-        up_5 = _upsample_matrix(5, cells)  # (10, 5)
-        windows_14 = torch.stack([up_5[2:8], up_5[3:9]])  # (2, 6, 5): up_14[2c-2+s : 2c+4+s] for s = 0, 1
-        up_14 = _apply_separable(cells, windows_14[s[:, 1]], windows_14[s[:, 0]])  # (N, C, 6, 6)
-        feat_14 = F.gelu(F.conv2d(up_14, self.conv_mid.weight, self.conv_mid.bias))  # valid: 6 -> 4
-        feat_14 = feat_14 + self.conv_residual(up_14[..., 1:-1, 1:-1])  # feat_14[2c-1+s : 2c+3+s]
-        up_4 = _upsample_matrix(4, feat_14)  # (8, 4)
-        windows_28 = torch.stack([up_4[1:5], up_4[2:6]])  # (2, 4, 4): window start f+1-2s in {1, 2}
+        # up_14[2c-2+s+t] (t = 0..5) is bilinear x2 upsampling of the cells: a bilinear sample of L1
+        # at cell coordinate origin + c - 2 + 0.75 + (s + t) / 2 (zeros outside the map, as the
+        # patch gather), so the 6x6 window is read straight from L1's channels-last rows.
+        steps = torch.arange(6, device=l1.device, dtype=offset_px.dtype) / 2
+        start = (origin + (center - 2)).reshape(-1, 2).to(offset_px.dtype) + 0.75 + s.to(offset_px.dtype) / 2
+        cell_y = (start[:, 1, None] + steps)[:, :, None].expand(-1, 6, 6)  # (N, 6, 6)
+        cell_x = (start[:, 0, None] + steps)[:, None, :].expand(-1, 6, 6)
+        batch, channels, height, width = l1.shape
+        corner, corner_weight = bilinear_corners_at_cells(cell_x, cell_y, (height, width))  # (N, 6, 6, 4)
+        image_of_query = torch.arange(batch, device=l1.device).repeat_interleave(origin.shape[1])
+        rows = corner + (image_of_query * (height * width)).view(-1, 1, 1, 1)
+        grid_14 = weighted_gather(channels_last_rows(l1), rows, corner_weight)  # (N, 6, 6, C)
+        n = grid_14.shape[0]
+        feat_14 = F.gelu(F.conv2d(grid_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
+        residual = F.linear(grid_14[:, 1:-1, 1:-1], self.conv_residual.weight.flatten(1), self.conv_residual.bias)
+        feat_14 = feat_14.permute(0, 2, 3, 1) + residual  # (N, 4, 4, mid): feat_14[2c-1+s : 2c+3+s]
+        up_4 = _upsample_matrix(4, grid_14)  # (8, 4)
+        windows_28 = _window_pairs(torch.stack([up_4[1:5], up_4[2:6]]))  # (4, 16, 16): start f+1-2s in {1, 2}
         start = f - 2 * s
-        up_28 = _apply_separable(feat_14, windows_28[start[:, 1]], windows_28[start[:, 0]])  # up_28[4c+f-1 : 4c+f+3]
+        up_28 = torch.bmm(windows_28[2 * start[:, 1] + start[:, 0]], feat_14.reshape(n, 16, -1))  # up_28[4c+f-1 : 4c+f+3]
+        up_28 = up_28.view(n, 4, 4, -1).permute(0, 3, 1, 2)
         feat_28 = F.gelu(F.conv2d(up_28, self.conv_out.weight, self.conv_out.bias))  # (N, D, 2, 2)
         frac = position.reshape(-1, 2) - f.to(position.dtype)  # (N, 2) in [0, 1)
         ax, ay = frac[:, 0, None], frac[:, 1, None]
@@ -130,10 +143,7 @@ def _upsample_matrix(size: int, like: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
-def _apply_separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Per-sample separable linear map rows @ x @ cols^T. x (N, C, h, w), rows (N, h', h), cols (N, w', w)."""
-    n, c, h, w = x.shape
-    x = torch.bmm(x.reshape(n, c * h, w), cols.transpose(1, 2))  # (N, C*h, w')
-    x = x.view(n, c, h, -1).transpose(1, 2).reshape(n, h, -1)  # (N, h, C*w')
-    x = torch.bmm(rows, x)  # (N, h', C*w')
-    return x.view(n, rows.shape[1], c, -1).transpose(1, 2)  # (N, C, h', w')
+def _window_pairs(windows: torch.Tensor) -> torch.Tensor:
+    """2D bilinear maps of a window from 1D ones: (2, n', n) -> (4, n'*n', n*n), entry 2*sy + sx
+    maps a row-major (y, x) window with row map `windows[sy]` and column map `windows[sx]`."""
+    return torch.stack([torch.kron(windows[sy], windows[sx]) for sy in (0, 1) for sx in (0, 1)])

@@ -4,7 +4,15 @@ Deformable-DETR style: each head predicts `n_points` offsets per level around th
 position and a softmax over (levels x points). L1/L2 values are identity maps (head i reads
 channels [32i, 32i+32)); L3/L4 use per-head bias-free Linear(C_l -> 32). Because bilinear sampling
 and a bias-free linear map commute, the projection can be applied to the whole map first or to
-the sampled points afterwards; `value_proj_order` picks the cheaper one (same result).
+the sampled points afterwards (same result). `value_maps` runs once per image inside `SPD.encode`:
+with "auto" / "project_first" it projects the whole L3/L4 maps there (~0.3 GMACs per image at
+480x640 for all three layers, ~1 % of the encoder), so no decode call pays for projection at any K;
+"sample_first" keeps the raw maps and projects the K*H*P samples in every call (the reference).
+
+Two aggregation paths give the same numbers: `aggregate` (per-level `F.grid_sample`, any values,
+differentiable; training and the reference) and `aggregate_gather` (inference: each head's
+levels x points x 4 corners as one weighted `embedding_bag` over channels-last rows, ~10x faster
+on CPU).
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd.models.geometry import bilinear_corners_at_cells, channels_last_rows, weighted_gather
+
 ValueProjOrder = Literal["auto", "project_first", "sample_first"]
-PROJECT_FIRST_FACTOR = 8  # "auto" projects the whole map first when h*w <= 8 * K * points
 
 
 class MSDeformableAttention(nn.Module):
@@ -27,10 +36,12 @@ class MSDeformableAttention(nn.Module):
             in `projected_levels` is an identity map.
         n_points: sampling points per head per level.
         projected_levels: indices of levels that get per-head bias-free value projections.
-        value_proj_order: "auto" picks by cost, the others force one order (tests, benchmarks).
+        value_proj_order: "auto" = "project_first" (whole maps, once per image in `value_maps`);
+            "sample_first" projects the sampled points in every call (reference, tests).
 
     Shape:
-        forward: h (B, K, d), grid (B, K, 2) normalised query positions, maps [(B, C_l, h_l, w_l)]
+        value_maps: maps [(B, C_l, h_l, w_l)] -> values [(B, d or C_l, h_l, w_l)], channels-last.
+        forward: h (B, K, d), grid (B, K, 2) normalised query positions, values (from `value_maps`)
         -> (B, K, d).
     """
 
@@ -99,28 +110,33 @@ class MSDeformableAttention(nn.Module):
             locations.append(grid[:, :, None, None, :] + offsets[:, :, :, level] * cell)  # (B, K, H, P, 2)
         return locations, weights
 
-    def _use_project_first(self, level: int, value: torch.Tensor, num_queries: int) -> bool:
-        if self.value_proj_order != "auto":
-            return self.value_proj_order == "project_first"
-        # MACs: project-first h*w*C*d once; sample-first K*P*C*d (every head samples P points).
-        # But sample-first also bilinearly samples all C channels at K*H*P points, which costs far
-        # more time per MAC on CPU than a dense projection (measured by `spd bench`: at K=256 on
-        # 480x640, project-first decodes 1.15x faster for L3), hence the factor.
-        height, width = value.shape[-2:]
-        return height * width <= PROJECT_FIRST_FACTOR * num_queries * self.n_points
+    @property
+    def samples_raw_maps(self) -> bool:
+        """True when projected levels stay raw in `value_maps` and are projected after sampling."""
+        return self.value_proj_order == "sample_first"
+
+    def value_maps(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Once per image: the maps `forward` samples, in channels-last memory (one row per cell)."""
+        values = []
+        for proj, value in zip(self.value_proj, maps, strict=True):
+            if isinstance(proj, nn.Linear) and not self.samples_raw_maps:
+                value = F.conv2d(value, proj.weight[:, :, None, None])  # (B, d, h, w)
+            values.append(value.contiguous(memory_format=torch.channels_last))
+        return values
 
     def aggregate(
-        self, maps: list[torch.Tensor], locations: list[torch.Tensor], weights: torch.Tensor
+        self, values: list[torch.Tensor], locations: list[torch.Tensor], weights: torch.Tensor
     ) -> torch.Tensor:
-        """Weighted sum of the sampled per-head values. Returns (B, K, d) before output_proj."""
+        """Weighted sum of the sampled per-head values, with `F.grid_sample` per level.
+
+        Returns (B, K, d) before output_proj.
+        """
         batch, num_queries, heads, _, points = weights.shape
         head_dim = self.d_model // heads
         out = None
-        for level, (value, location) in enumerate(zip(maps, locations)):
+        for level, (value, location) in enumerate(zip(values, locations)):
             proj = self.value_proj[level]
-            if isinstance(proj, nn.Identity) or self._use_project_first(level, value, num_queries):
-                if isinstance(proj, nn.Linear):
-                    value = F.conv2d(value, proj.weight[:, :, None, None])  # (B, d, h, w)
+            if isinstance(proj, nn.Identity) or not self.samples_raw_maps:
                 # Head i reads its own channel window: (B*H, d_head, h, w).
                 per_head = value.reshape(batch * heads, head_dim, *value.shape[-2:])
                 grid = location.permute(0, 2, 1, 3, 4).reshape(batch * heads, num_queries, points, 2)
@@ -138,9 +154,44 @@ class MSDeformableAttention(nn.Module):
             out = contribution if out is None else out + contribution
         return out.permute(0, 3, 1, 2).reshape(batch, num_queries, self.d_model)
 
-    def forward(self, h: torch.Tensor, grid: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
-        locations, weights = self.sampling(h, grid, [tuple(m.shape[-2:]) for m in maps])
-        return self.output_proj(self.aggregate(maps, locations, weights))
+    def aggregate_gather(self, h: torch.Tensor, grid: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+        """`sampling` + `aggregate` for d-channel channels-last values (every level projected or
+        identity), the inference path. All levels' corners are computed in one batch of ops, in
+        each level's cell coordinates (query cell + offset, the same point as `sampling`'s), then
+        one `weighted_gather` per level: row `(cell * H + head)` of the (B*h*w*H, d_head) view of a
+        channels-last map holds head `head`'s channels of that cell. Returns (B, K, d) before
+        output_proj.
+        """
+        batch, num_queries, _ = h.shape
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        head_dim = self.d_model // heads
+        offsets = self.sampling_offsets(h).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(h).view(batch, num_queries, heads, levels * points).softmax(-1)
+        weights = weights.view(batch, num_queries, heads, levels, points).permute(3, 0, 1, 2, 4)  # (L, B, K, H, P)
+        sizes = torch.tensor([v.shape[-2:] for v in values], device=h.device)  # (L, 2) = (h_l, w_l)
+        extent = sizes.flip(-1).to(h.dtype).view(levels, 1, 1, 2)  # (L, 1, 1, 2) = (w_l, h_l)
+        query_cells = ((grid + 1.0) * extent - 1.0) / 2.0  # (L, B, K, 2): cell centres at integers
+        cells = query_cells[:, :, :, None, None, :] + offsets.permute(3, 0, 1, 2, 4, 5)  # (L, B, K, H, P, 2)
+        level_h, level_w = (sizes[:, i].view(levels, 1, 1, 1, 1, 1) for i in (0, 1))  # vs (L, B, K, H, P, 4)
+        corner, corner_weight = bilinear_corners_at_cells(cells[..., 0], cells[..., 1], (level_h, level_w))
+        image = torch.arange(batch, device=h.device).view(1, batch, 1, 1, 1, 1)
+        head = torch.arange(heads, device=h.device).view(1, 1, 1, heads, 1, 1)
+        rows = ((corner + image * (level_h * level_w)) * heads + head).flatten(-2)  # (L, B, K, H, P*4)
+        weight = (corner_weight * weights[..., None]).flatten(-2)
+        out = None
+        for level, value in enumerate(values):
+            sampled = weighted_gather(channels_last_rows(value).view(-1, head_dim), rows[level], weight[level])
+            out = sampled if out is None else out + sampled  # (B, K, H, d_head)
+        return out.reshape(batch, num_queries, self.d_model)
+
+    def forward(
+        self, h: torch.Tensor, grid: torch.Tensor, values: list[torch.Tensor], fast: bool = False
+    ) -> torch.Tensor:
+        """`fast` picks `aggregate_gather` (inference); it needs every level's values d-wide."""
+        if fast and not self.samples_raw_maps:
+            return self.output_proj(self.aggregate_gather(h, grid, values))
+        locations, weights = self.sampling(h, grid, [tuple(m.shape[-2:]) for m in values])
+        return self.output_proj(self.aggregate(values, locations, weights))
 
 
 def msda_aggregate_reference(

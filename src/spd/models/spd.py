@@ -22,9 +22,10 @@ from spd.models.seed import QuerySeed
 class EncodedFeatures:
     """Everything `decode` needs, computed once per image batch by `encode`.
 
-    Shapes (H, W = padded image size):
+    Shapes (H, W = padded image size), maps in channels-last memory (one row per cell):
         l1 (B, d, H/4, W/4), l2 (B, d, H/8, W/8), l3 (B, C3, H/16, W/16), l4 (B, C4, H/32, W/32),
         proj_l3 (B, d, H/16, W/16), proj_l4 (B, d, H/32, W/32),
+        msda_values: per MSDA layer its four value maps (`MSDeformableAttention.value_maps`),
         global_kv: per B3b layer (keys, values) each (B, heads, N_L4, d_head).
         image_size: (H, W) of the image as given (before padding), in pixels.
     """
@@ -35,6 +36,7 @@ class EncodedFeatures:
     l4: torch.Tensor
     proj_l3: torch.Tensor
     proj_l4: torch.Tensor
+    msda_values: list[list[torch.Tensor]]
     global_kv: list[tuple[torch.Tensor, torch.Tensor]]
     image_size: tuple[int, int]
 
@@ -63,7 +65,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         super().__init__()
         self.config = config
         cfg = config
-        self.encoder = Encoder(cfg.encoder_name, cfg.encoder_weights, warn_random=warn_random_encoder)
+        self.encoder = Encoder(cfg.encoder_name, cfg.encoder_weights, warn_random=warn_random_encoder, fast=cfg.encoder_fast)
         self.neck = Neck(self.encoder.channels, cfg.d_model, cfg.l3_dim, cfg.global_projection)
         level_dims = self.neck.out_dims
         self.l4_self_attn = (
@@ -97,7 +99,10 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
 
     # ------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> EncodedFeatures:
-        """Runs the encoder, neck and pre-compute once. images: (B, 3, H, W) normalised, any H, W."""
+        """Runs the encoder, neck and everything else that depends on the image only, once.
+
+        images: (B, 3, H, W) normalised, any H, W.
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W); got {tuple(images.shape)}")
         if not images.is_floating_point():
@@ -108,7 +113,10 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         if self.l4_self_attn is not None:
             l4 = self.l4_self_attn(l4)
         proj_l3, proj_l4, global_kv = self.precompute(l3, l4)
-        return EncodedFeatures(l1, l2, l3, l4, proj_l3, proj_l4, global_kv, image_size)
+        l1, l2, l3, l4, proj_l3, proj_l4 = (m.contiguous(memory_format=torch.channels_last)
+                                            for m in (l1, l2, l3, l4, proj_l3, proj_l4))
+        msda_values = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
+        return EncodedFeatures(l1, l2, l3, l4, proj_l3, proj_l4, msda_values, global_kv, image_size)
 
     def decode(
         self,
@@ -136,16 +144,22 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         height, width = features.image_size
         positions = (queries + 0.5) / queries.new_tensor([width, height])  # (B, K, 2) in [0, 1]
 
-        h = self.seed([features.l1, features.l2, features.proj_l3, features.proj_l4], grid, positions)
-        # The canvas lives in channels-last memory (fast depthwise convs); the queries' write
-        # positions are the same in every layer, so their bilinear corners are computed once.
-        canvas = [m.contiguous(memory_format=torch.channels_last) for m in (features.l2, features.proj_l3, features.proj_l4)]
-        plans = [make_splat_plan(grid, mask, tuple(level.shape[-2:])) for level in canvas]
-        maps = [features.l1, features.l2, features.l3, features.l4]
-        for layer in self.msda_layers:
-            h, canvas = layer(h, grid, mask, canvas, plans, maps=maps)
+        # Inference (no autograd) takes the fast paths: gathers instead of grid_sample, canvas
+        # updated in place. Training keeps the reference paths; tests hold the two equal.
+        fast = self.config.decoder_fast and not torch.is_grad_enabled()
+        seed_maps = [features.l1, features.l2, features.proj_l3, features.proj_l4]
+        # The queries do not move: their bilinear corners on each level are computed once per call.
+        # Plans for L2/L3/L4 serve the canvas; the one for L1 only the gather-reading seed.
+        plans = [make_splat_plan(grid, mask, tuple(level.shape[-2:])) for level in seed_maps[0 if fast else 1 :]]
+        h = self.seed(seed_maps, grid, positions, plans if fast else None)
+        canvas_plans = plans[1:] if fast else plans
+        # The canvas starts from the encoder's maps every call; the fast path writes in place, so it
+        # gets its own copy. Channels-last memory: depthwise convs and row gathers are fast that way.
+        canvas = [m.clone() if fast else m for m in seed_maps[1:]]
+        for layer, values in zip(self.msda_layers, features.msda_values):
+            h, canvas = layer(h, grid, mask, canvas, canvas_plans, values=values, fast=fast)
         for layer, global_kv in zip(self.global_layers, features.global_kv):
-            h, canvas = layer(h, grid, mask, canvas, plans, global_kv=global_kv)
+            h, canvas = layer(h, grid, mask, canvas, canvas_plans, global_kv=global_kv, fast=fast)
 
         head_input, feat_patch = h, None
         if self.ldrm is not None:

@@ -213,3 +213,34 @@ def test_tiny_config_beats_the_median_predictor(tmp_path):
     median_metrics, _ = evaluate(ConstantDepth(median), test, "sparse", crop="none", progress=False)
     print(f"tiny config, 400 steps: val abs_rel {result['last_val']['abs_rel']:.3f}, median {median_metrics['abs_rel']:.3f}")
     assert result["last_val"]["abs_rel"] < 0.8 * median_metrics["abs_rel"]
+
+
+def test_baseline_trains_resumes_and_checkpoints_as_a_hugging_face_folder(tmp_path, synth_root):
+    """`spd train` with architecture=dav2-small: dense + sparse loss, HF-format checkpoints that
+    `spd eval --model baseline:FOLDER` reads, and --resume continues from them."""
+    from spd.models.baseline import load_baseline
+
+    run_dir = tmp_path / "baseline"
+    extra = ["architecture=dav2-small", "optim.lr=1e-4"]
+    command, env = _spd_train(run_dir, synth_root, extra, max_steps=2)
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=600)
+    last = run_dir / "checkpoints" / "last"
+    assert (last / "config.json").is_file() and (last / "model.safetensors").is_file()
+    assert json.loads((last / "config.json").read_text())["model_type"] == "depth_anything"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert {"loss_sparse", "loss_dense", "loss_total"} <= set(train_rows[0])
+    assert all(np.isfinite(r["loss_total"]) for r in train_rows)
+    model = load_baseline(str(last))
+    assert sum(p.numel() for p in model.parameters()) == 24_785_089
+    command, env = _spd_train(run_dir, synth_root, extra, max_steps=3)
+    result = subprocess.run([*command, "--resume"], env=env, check=True, capture_output=True, text=True, timeout=600)
+    assert "resumed from" in result.stdout
+    assert load_training_state(last)["progress"]["step"] == 3
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "spd.cli", "eval", "--model", f"baseline:{last}",
+         "--data-root", str(synth_root / "official_splits" / "test"),
+         "--protocol", "sparse", "--crop", "none", "--limit", "2"],
+        env=env, check=True, capture_output=True, text=True, timeout=600,
+    )
+    assert "abs_rel" in evaluated.stdout

@@ -65,3 +65,21 @@ def spd_losses(
         total = total + patch_weight * terms["patch"]
     terms["total"] = total
     return terms
+
+
+def baseline_losses(
+    out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], dense_weight: float = 1.0, lam: float = 0.5
+) -> dict[str, torch.Tensor]:
+    """The dense baseline's loss: the same per-image SILog on the K queries as SPD, plus
+    `dense_weight` x SILog of its full map against every valid GT pixel (its native supervision).
+
+    Args:
+        out: `DepthAnythingBaseline` output with `return_aux=True` (`depth` (B, K), `dense_depth` (B, 1, H, W)).
+        batch: as for `spd_losses`.
+    """
+    depth, valid, queries, query_mask = batch["depth"], batch["valid"], batch["queries"], batch["query_mask"]
+    query_valid = query_mask & depth_at_queries(valid.to(depth.dtype), queries).bool()
+    terms = {"sparse": silog_per_image(out["depth"], depth_at_queries(depth, queries), query_valid, lam)}
+    terms["dense"] = silog_per_image(out["dense_depth"], depth, valid.bool(), lam)
+    terms["total"] = terms["sparse"] + dense_weight * terms["dense"]
+    return terms

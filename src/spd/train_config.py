@@ -49,6 +49,16 @@ class LossConfig:
     canvas_weight: float = 0.5
     patch_weight: float = 0.3
     silog_lambda: float = 0.5
+    dense_weight: float = 1.0  # baseline only: SILog of its full dense map, beside the sparse term
+
+
+@dataclass
+class BaselineConfig:
+    """Used when `architecture: dav2-small` (the Depth Anything V2-Small baseline)."""
+
+    weights: str | None = None  # a local Hugging Face folder to start from; None = random init
+    input_mode: Literal["fair", "official"] = "fair"  # see spd.models.baseline
+    max_depth: int = 10  # metres, the metric head's range
 
 
 @dataclass
@@ -64,8 +74,10 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
+    architecture: Literal["spd", "dav2-small"] = "spd"  # "dav2-small" trains the dense baseline instead
     preset: str = "v15"
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's ModelConfig
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -134,6 +146,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainC
             node = node.setdefault(part, {})
         node[leaf] = _parse_value(value)
     config = _from_dict(TrainConfig, data)
+    if config.architecture not in ("spd", "dav2-small"):
+        raise ValueError(f"architecture must be 'spd' or 'dav2-small', got {config.architecture!r}")
     config.model_config()  # fail now on a bad preset or model override
     return config
 

@@ -127,12 +127,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: Path, model: SPD, training_state: dict) -> None:
-    """Writes a complete checkpoint folder atomically: into a temp folder, then renamed into place."""
+def save_checkpoint(folder: Path, model, training_state: dict) -> None:
+    """Writes a complete checkpoint folder atomically: into a temp folder, then renamed into place.
+
+    SPD models get `save_model`'s folder; the DAv2-S baseline a Hugging Face folder (its
+    `save_pretrained`), readable by `load_baseline` / `spd eval --model baseline:FOLDER`.
+    """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
+    if isinstance(model, SPD):
+        save_model(model, tmp)
+    else:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
     torch.save(training_state, tmp / STATE_FILE)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -148,6 +156,22 @@ def find_resumable(checkpoints: Path) -> Path | None:
         if (checkpoints / name / STATE_FILE).is_file():
             return checkpoints / name
     return None
+
+
+def load_checkpoint_weights(model, folder: Path) -> None:
+    """Puts a checkpoint folder's weights into the model being trained (resume)."""
+    if isinstance(model, SPD):
+        weights = folder / MODEL_FILE
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({err})") from err
+        model.load_state_dict(state)
+    else:
+        try:
+            model.load_weights(folder)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{folder}: not a readable baseline checkpoint ({err})") from err
 
 
 def load_training_state(folder: Path) -> dict:

@@ -18,15 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from spd.data import NYU_TEST_LIST, NYU_TRAIN_LIST, NYUDepth, collate
 from spd.engine import distributed as dist_utils
-from spd.engine.checkpoint import find_resumable, load_training_state, rng_state, save_checkpoint, set_rng_state
+from spd.engine.checkpoint import (
+    find_resumable, load_checkpoint_weights, load_training_state, rng_state, save_checkpoint, set_rng_state,
+)
 from spd.engine.evaluate import evaluate
-from spd.losses import spd_losses
+from spd.losses import baseline_losses, spd_losses
 from spd.models.spd import SPD
 from spd.train_config import TrainConfig, save_config
 
@@ -110,6 +112,23 @@ class RunLogger:
                 self.writer.close()
 
 
+def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The model a config trains: SPD (its preset + overrides) or the DAv2-S baseline."""
+    if cfg.architecture == "dav2-small":
+        from spd.models.baseline import DepthAnythingBaseline
+
+        return DepthAnythingBaseline(cfg.baseline.weights, cfg.baseline.input_mode, cfg.baseline.max_depth)
+    return SPD(cfg.model_config())
+
+
+def compute_losses(model: torch.nn.Module, out: dict, batch: dict, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """SPD's losses (sparse + canvas + LDRM patches) or the baseline's (sparse + dense)."""
+    if not isinstance(model, SPD):
+        return baseline_losses(out, batch, cfg.loss.dense_weight, cfg.loss.silog_lambda)
+    origin = model.ldrm_patch_origin(batch["queries"]) if model.ldrm is not None else None
+    return spd_losses(out, batch, origin, cfg.loss.canvas_weight, cfg.loss.patch_weight, cfg.loss.silog_lambda)
+
+
 def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Trains and returns {"step", "best_abs_rel", "last_val", "stopped"}; see module docstring."""
     from tqdm import tqdm
@@ -125,7 +144,7 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
-    model = SPD(cfg.model_config()).to(info.device)
+    model = build_training_model(cfg).to(info.device)
     train_set, val_set = resolve_data(cfg, data_root)
     sampler = DistributedSampler(
         train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=True
@@ -149,7 +168,7 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
     resume_from = find_resumable(ckpt_dir) if resume else None
     if resume_from is not None:
         saved = load_training_state(resume_from)
-        model.load_state_dict(load_file(str(resume_from / "model.safetensors")))
+        load_checkpoint_weights(model, resume_from)
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         state.update(saved["progress"])
@@ -231,9 +250,7 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
                         with autocast:
                             out = net(batch["image"], batch["queries"], batch["query_mask"], return_aux=True)
                         out = {k: v.float() for k, v in out.items()}
-                        origin = model.ldrm_patch_origin(batch["queries"]) if model.ldrm is not None else None
-                        terms = spd_losses(out, batch, origin, cfg.loss.canvas_weight, cfg.loss.patch_weight,
-                                           cfg.loss.silog_lambda)
+                        terms = compute_losses(model, out, batch, cfg)
                         if dist_utils.any_true(not bool(torch.isfinite(terms["total"])), info):
                             skipped = True
                             break

@@ -13,6 +13,7 @@ the input size before sampling.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -78,7 +79,8 @@ class DepthAnythingBaseline(nn.Module):
         if weights_dir is not None:
             if not Path(weights_dir).is_dir():
                 raise FileNotFoundError(f"baseline weights folder not found: {weights_dir}")
-            self.net = DepthAnythingForDepthEstimation.from_pretrained(str(weights_dir), local_files_only=True)
+            with _quiet_transformers():
+                self.net = DepthAnythingForDepthEstimation.from_pretrained(str(weights_dir), local_files_only=True)
         else:
             self.net = DepthAnythingForDepthEstimation(_dav2_small_config(max_depth))
         self.input_mode = input_mode
@@ -101,9 +103,56 @@ class DepthAnythingBaseline(nn.Module):
         return sample_at(features.depth, grid)[..., 0] * mask
 
     def forward(self, images: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor | None = None, return_aux: bool = False):
+        """depth (B, K), or with `return_aux` {"depth", "dense_depth" (B, 1, H, W)} for the dense loss."""
         features = self.encode(images)
         depth = self.decode(features, queries, mask)
         return {"depth": depth, "dense_depth": features.depth} if return_aux else depth
+
+    def param_groups(self, lr: float, encoder_lr_scale: float = 0.1, weight_decay: float = 0.01) -> list[dict]:
+        """AdamW groups as `SPD.param_groups`: the DINOv2 backbone at `encoder_lr_scale` x LR (Depth
+        Anything's metric fine-tuning uses 1/10), the DPT neck and head at LR; no decay on norms/biases."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((name.startswith("net.backbone."), param.dim() >= 2), []).append(param)
+        return [
+            {
+                "params": params,
+                "lr": lr * (encoder_lr_scale if is_encoder else 1.0),
+                "lr_scale": encoder_lr_scale if is_encoder else 1.0,
+                "weight_decay": weight_decay if decays else 0.0,
+                "name": f"{'encoder' if is_encoder else 'decoder'}_{'decay' if decays else 'no_decay'}",
+            }
+            for (is_encoder, decays), params in sorted(groups.items())
+        ]
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """A Hugging Face model folder (config.json + model.safetensors) that `load_baseline` and
+        `DepthAnythingForDepthEstimation.from_pretrained` read."""
+        with _quiet_transformers():
+            self.net.save_pretrained(str(folder))
+        return Path(folder)
+
+    def load_weights(self, folder: str | Path) -> None:
+        """Loads the weights of a folder written by `save_pretrained` (strict; safetensors, read by
+        transformers, which also maps its on-disk key names back to the module's)."""
+        with _quiet_transformers():
+            loaded = type(self.net).from_pretrained(str(folder), local_files_only=True)
+        self.net.load_state_dict(loaded.state_dict(), strict=True)
+
+
+@contextmanager
+def _quiet_transformers():
+    """No per-file progress bars from transformers while checkpoints are written and read."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_baseline(spec: str, device: str | torch.device = "cpu", input_mode: InputMode = "fair") -> DepthAnythingBaseline:

@@ -98,12 +98,13 @@ class Encoder(nn.Module):
         if self.strides != (4, 8, 16, 32):
             raise ValueError(f"encoder {name} must give strides 4/8/16/32; it gives {self.strides}")
         stages = [m for _, m in self.backbone.items() if isinstance(m, ConvNeXtStage)]
-        self.fast = fast and bool(stages) and all(_supports_folding(b) for s in stages for b in s.blocks)
+        self.foldable = bool(stages) and all(_supports_folding(b) for s in stages for b in s.blocks)
+        self.fast = fast
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if self.training or not self.fast:
-            return self.backbone(images)
-        return self.forward_folded(images)
+    def forward(self, images: torch.Tensor, fast: bool | None = None) -> list[torch.Tensor]:
+        """`fast` overrides the constructor's choice for this call."""
+        use_folded = (self.fast if fast is None else fast) and self.foldable and not self.training
+        return self.forward_folded(images) if use_folded else self.backbone(images)
 
     def forward_folded(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The same features as `self.backbone(images)` in eval mode, blocks run folded."""

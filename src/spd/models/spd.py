@@ -108,7 +108,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         if not images.is_floating_point():
             raise ValueError(f"images must be normalised floating-point tensors; got {images.dtype}")
         image_size = (images.shape[-2], images.shape[-1])
-        levels = self.neck(self.encoder(pad_image(images)))
+        levels = self.neck(self.encoder(pad_image(images), fast=self.config.encoder_fast))
         l1, l2, l3, l4 = levels
         if self.l4_self_attn is not None:
             l4 = self.l4_self_attn(l4)

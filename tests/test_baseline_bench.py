@@ -56,4 +56,7 @@ def test_bench_smoke(tmp_path):
     assert set(result["spd"]["decode_ms"]) == {"1", "16"} and set(result["ratio_total"]) == {"1", "16"}
     assert result["baseline"]["total_ms"] > 0 and result["macs"]["baseline"] > result["macs"]["encode"] > 0
     assert 0 < result["macs"]["decode_per_query"] and {"device", "torch", "threads"} <= set(result)
+    assert set(result["ratio_decode_encode"]) == {"1", "16"}
+    fast = result["fast_paths"]  # each exact fast path timed on and off
+    assert all(fast[k] > 0 for k in ("encoder_fast_ms", "encoder_reference_ms", "decoder_fast_ms", "decoder_reference_ms"))
     assert (tmp_path / "bench.png").stat().st_size > 10_000

@@ -163,7 +163,7 @@ def run_bench(
     result["macs"] = {
         "encode": macs_encode,
         "decode_per_query": slope,
-        "decode_per_call": macs_lo - slope * k_lo,
+        "decode_per_call": macs_lo - slope * k_lo if k_hi > k_lo else None,  # needs two K values
         "decode_amortised_per_query_at_256": result["spd"]["decode_macs"][str(k_ref)] / k_ref,
         "baseline": macs_base,
     }
@@ -189,9 +189,10 @@ def format_bench(result: dict) -> str:
         f"SPD encode {spd['encode_ms']:.1f} ms ({result['macs']['encode'] / 1e9:.2f} GMACs); "
         f"baseline DAv2-S total {base['total_ms']:.1f} ms at {base['input_size'][0]}x{base['input_size'][1]} "
         f"({result['macs']['baseline'] / 1e9:.2f} GMACs)",
-        f"decoder MACs per query {result['macs']['decode_per_query'] / 1e6:.2f} M (slope in K) + "
-        f"{result['macs']['decode_per_call'] / 1e6:.0f} M per decode call; amortised at K={k_ref_label(result)}: "
-        f"{result['macs']['decode_amortised_per_query_at_256'] / 1e6:.2f} M",
+        (f"decoder MACs per query {result['macs']['decode_per_query'] / 1e6:.2f} M (slope in K) + "
+         f"{result['macs']['decode_per_call'] / 1e6:.0f} M per decode call; " if result["macs"]["decode_per_call"] is not None
+         else "decoder MACs (one K: no slope); ")
+        + f"amortised at K={k_ref_label(result)}: {result['macs']['decode_amortised_per_query_at_256'] / 1e6:.2f} M per query",
         f"{'K':>6}{'decode ms':>12}{'total ms':>12}{'SPD/base':>10}{'dec/enc':>9}{'dec GMACs':>11}",
     ]
     for k in spd["decode_ms"]:

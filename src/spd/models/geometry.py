@@ -71,16 +71,18 @@ def bilinear_corners_at_cells(x: torch.Tensor, y: torch.Tensor, size: tuple) -> 
     """`bilinear_corners` for continuous cell coordinates (cell centres at integers), shape (...).
 
     `size` (h, w) may hold ints or integer tensors that broadcast against x[..., None] (several
-    maps at once, e.g. one size per level).
+    maps at once, e.g. one size per level). Corners come in the order (x0, y0), (x1, y0), (x0, y1),
+    (x1, y1).
     """
     height, width = size
     x0, y0 = torch.floor(x), torch.floor(y)
     fx, fy = x - x0, y - y0
+    # Stacked along a last dim of 4 (contiguous): much faster on CPU than broadcasting 2 x 2.
     cx = torch.stack([x0, x0 + 1, x0, x0 + 1], -1).long()
     cy = torch.stack([y0, y0, y0 + 1, y0 + 1], -1).long()
     weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
     inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
-    weight = torch.where(inside, weight, torch.zeros_like(weight))
+    weight = weight * inside
     index = cy.clamp(min=0).clamp(max=height - 1) * width + cx.clamp(min=0).clamp(max=width - 1)
     return index, weight
 

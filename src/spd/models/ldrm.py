@@ -15,6 +15,8 @@ Two paths compute the same `local_feat`:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,8 +109,7 @@ class LocalRefinement(nn.Module):
         feat_14 = F.gelu(F.conv2d(grid_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
         residual = F.linear(grid_14[:, 1:-1, 1:-1], self.conv_residual.weight.flatten(1), self.conv_residual.bias)
         feat_14 = feat_14.permute(0, 2, 3, 1) + residual  # (N, 4, 4, mid): feat_14[2c-1+s : 2c+3+s]
-        up_4 = _upsample_matrix(4, grid_14)  # (8, 4)
-        windows_28 = _window_pairs(torch.stack([up_4[1:5], up_4[2:6]]))  # (4, 16, 16): start f+1-2s in {1, 2}
+        windows_28 = _windows_28(grid_14.dtype, grid_14.device)  # (4, 16, 16): window start f+1-2s in {1, 2}
         start = f - 2 * s
         up_28 = torch.bmm(windows_28[2 * start[:, 1] + start[:, 0]], feat_14.reshape(n, 16, -1))  # up_28[4c+f-1 : 4c+f+3]
         up_28 = up_28.view(n, 4, 4, -1).permute(0, 3, 1, 2)
@@ -132,15 +133,24 @@ class LocalRefinement(nn.Module):
 
 def _upsample_matrix(size: int, like: torch.Tensor) -> torch.Tensor:
     """(2*size, size) matrix of bilinear x2 upsampling with align_corners=False (as F.interpolate)."""
-    matrix = torch.zeros(2 * size, size, dtype=like.dtype, device=like.device)
+    matrix = [[0.0] * size for _ in range(2 * size)]
     for out in range(2 * size):
         source = max(0.0, (out + 0.5) / 2 - 0.5)
         low = min(int(source), size - 1)
         high = min(low + 1, size - 1)
         weight = source - low
-        matrix[out, low] += 1 - weight
-        matrix[out, high] += weight
-    return matrix
+        matrix[out][low] += 1 - weight
+        matrix[out][high] += weight
+    return torch.tensor(matrix, dtype=like.dtype, device=like.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _windows_28(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The fast path's second x2 upsampling of a 4x4 feat_14 window, one 2D map per window start:
+    rows [1, 5) or [2, 6) of the 8x4 upsampling matrix per axis -> (4, 16, 16). Constant, so cached
+    (per dtype and device) instead of being rebuilt in every decode call."""
+    up_4 = _upsample_matrix(4, torch.empty(0, dtype=dtype, device=device))  # (8, 4)
+    return _window_pairs(torch.stack([up_4[1:5], up_4[2:6]]))
 
 
 def _window_pairs(windows: torch.Tensor) -> torch.Tensor:

@@ -141,15 +141,18 @@ def test_ldrm_feat28_pixel_alignment():
     torch.testing.assert_close(offset, torch.remainder(queries[0], 4) + 12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("patch", [5, 7, 9])
-def test_ldrm_fast_path_matches_full_patch(patch):
+def test_ldrm_fast_path_matches_full_patch(patch, dtype):
     torch.manual_seed(0)
-    ldrm = LocalRefinement(in_dim=8, mid_dim=6, out_dim=5, patch=patch).double()
-    l1 = torch.randn(2, 8, 12, 16, dtype=torch.float64)  # a 48 x 64 image
-    queries = torch.rand(2, 40, 2, dtype=torch.float64) * torch.tensor([64.0, 48.0]) - 0.5  # borders too
-    full, _ = ldrm(l1, queries, fast=False)
-    fast, _ = ldrm(l1, queries, fast=True)
-    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-10)
+    ldrm = LocalRefinement(in_dim=8, mid_dim=6, out_dim=5, patch=patch).to(dtype)
+    l1 = torch.randn(2, 8, 12, 16, dtype=dtype)  # a 48 x 64 image
+    queries = torch.rand(2, 40, 2, dtype=dtype) * torch.tensor([64.0, 48.0], dtype=dtype) - 0.5  # borders too
+    with torch.no_grad():
+        full, _ = ldrm(l1, queries, fast=False)
+        fast, _ = ldrm(l1.contiguous(memory_format=torch.channels_last), queries, fast=True)
+    atol = 1e-10 if dtype == torch.float64 else 1e-5 * float(full.abs().max())
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=atol)
 
 
 def test_ldrm_gather_zeros_outside_the_map():

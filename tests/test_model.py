@@ -236,3 +236,15 @@ def test_fast_decode_matches_reference_decode_and_leaves_features_intact(overrid
     torch.testing.assert_close(again, fast, rtol=0, atol=0)  # the features were not consumed
     for before, after in zip(snapshot, (features.l1, features.l2, features.proj_l3, features.proj_l4)):
         assert torch.equal(before, after)
+
+
+def test_encode_once_decode_in_chunks_equals_full_forward_per_chunk(tiny_model):
+    """The encode-once fast path: one encoder pass serves every chunk, with the same answers as
+    running the whole model on each chunk."""
+    images = torch.randn(1, 3, 64, 96)
+    queries = torch.rand(1, 50, 2) * torch.tensor([95.0, 63.0])
+    with torch.no_grad():
+        features = tiny_model.encode(images)
+        chunked = torch.cat([tiny_model.decode(features, part) for part in queries.split(16, dim=1)], 1)
+        full = torch.cat([tiny_model(images, part) for part in queries.split(16, dim=1)], 1)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=0)

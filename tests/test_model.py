@@ -248,3 +248,22 @@ def test_encode_once_decode_in_chunks_equals_full_forward_per_chunk(tiny_model):
         chunked = torch.cat([tiny_model.decode(features, part) for part in queries.split(16, dim=1)], 1)
         full = torch.cat([tiny_model(images, part) for part in queries.split(16, dim=1)], 1)
     torch.testing.assert_close(chunked, full, rtol=0, atol=0)
+
+
+def test_bf16_autocast_inference_runs_the_fast_paths_and_stays_close(tiny_model):
+    """`spd bench --dtype bf16` and bf16 serving: the fast paths under CPU autocast give finite
+    depths within bf16 precision of fp32."""
+    images = torch.randn(1, 3, 64, 96)
+    queries = torch.rand(1, 40, 2) * torch.tensor([95.0, 63.0])
+    with torch.no_grad():
+        reference = tiny_model(images, queries)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tiny_model(images, queries).float()
+            tiny_model.config.decoder_fast = False  # the reference paths too (the bench times both)
+            try:
+                low_reference = tiny_model(images, queries).float()
+            finally:
+                tiny_model.config.decoder_fast = True
+    for depth in (low, low_reference):
+        assert torch.isfinite(depth).all()
+        assert ((depth - reference).abs() / reference).max() < 0.1

@@ -129,7 +129,7 @@ class SplatPlan:
         batch, num_queries, channels = values.shape
         height, width = self.size
         contributions = (values.unsqueeze(2) * self.beta.view(batch, num_queries, 4, 1)).view(batch, -1, channels)
-        flat = values.new_zeros(batch, height * width, channels)
+        flat = contributions.new_zeros(batch, height * width, channels)
         flat.scatter_add_(1, self.index.unsqueeze(-1).expand(-1, -1, channels), contributions)
         return flat.view(batch, height, width, channels).permute(0, 3, 1, 2)  # a view, no copy
 
@@ -141,7 +141,7 @@ class SplatPlan:
         """
         if not level.is_contiguous(memory_format=torch.channels_last):
             raise ValueError("add_soft_mean_ needs a channels-last map (it writes through a row view)")
-        contributions = values.unsqueeze(2) * self.soft_beta.unsqueeze(-1)  # (B, K, 4, C)
+        contributions = (values.unsqueeze(2) * self.soft_beta.unsqueeze(-1)).to(level.dtype)  # (B, K, 4, C)
         channels_last_rows(level).index_add_(0, self.rows.reshape(-1), contributions.reshape(-1, values.shape[-1]))
         return level
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spd.models.geometry import pixel_to_grid, sample_at, validate_queries
+from spd.models.optim_groups import encoder_decoder_param_groups
 
 InputMode = Literal["fair", "official"]
 PATCH = 14
@@ -110,21 +111,8 @@ class DepthAnythingBaseline(nn.Module):
 
     def param_groups(self, lr: float, encoder_lr_scale: float = 0.1, weight_decay: float = 0.01) -> list[dict]:
         """AdamW groups as `SPD.param_groups`: the DINOv2 backbone at `encoder_lr_scale` x LR (Depth
-        Anything's metric fine-tuning uses 1/10), the DPT neck and head at LR; no decay on norms/biases."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                groups.setdefault((name.startswith("net.backbone."), param.dim() >= 2), []).append(param)
-        return [
-            {
-                "params": params,
-                "lr": lr * (encoder_lr_scale if is_encoder else 1.0),
-                "lr_scale": encoder_lr_scale if is_encoder else 1.0,
-                "weight_decay": weight_decay if decays else 0.0,
-                "name": f"{'encoder' if is_encoder else 'decoder'}_{'decay' if decays else 'no_decay'}",
-            }
-            for (is_encoder, decays), params in sorted(groups.items())
-        ]
+        Anything's metric fine-tuning uses 1/10), the DPT neck and head at LR."""
+        return encoder_decoder_param_groups(self, self.net.backbone, lr, encoder_lr_scale, weight_decay)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """A Hugging Face model folder (config.json + model.safetensors) that `load_baseline` and

@@ -15,6 +15,7 @@ from spd.models.geometry import make_splat_plan, pad_image, pixel_to_grid, valid
 from spd.models.heads import CanvasHead, DepthHead, PatchDenseHead
 from spd.models.ldrm import LocalRefinement
 from spd.models.neck import L4SelfAttention, Neck, PreCompute
+from spd.models.optim_groups import encoder_decoder_param_groups
 from spd.models.seed import QuerySeed
 
 
@@ -204,23 +205,6 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
 
     # ------------------------------------------------------------------------------------------
     def param_groups(self, lr: float, encoder_lr_scale: float = 0.1, weight_decay: float = 0.01) -> list[dict]:
-        """AdamW groups owned by the model: encoder at `encoder_lr_scale` x LR, the rest at LR; no
-        weight decay on tensors with fewer than 2 dims (norms, biases, GRN gains, the log-scale `s`).
-        Each group carries `lr_scale` so the training loop can apply its per-step schedule."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_encoder = name.startswith("encoder.")
-            decays = param.dim() >= 2
-            groups.setdefault((is_encoder, decays), []).append(param)
-        return [
-            {
-                "params": params,
-                "lr": lr * (encoder_lr_scale if is_encoder else 1.0),
-                "lr_scale": encoder_lr_scale if is_encoder else 1.0,
-                "weight_decay": weight_decay if decays else 0.0,
-                "name": f"{'encoder' if is_encoder else 'decoder'}_{'decay' if decays else 'no_decay'}",
-            }
-            for (is_encoder, decays), params in sorted(groups.items())
-        ]
+        """AdamW groups: the encoder at `encoder_lr_scale` x LR (DESIGN §4: 1e-5 vs 1e-4), the rest
+        at LR, no decay on norms/biases/scalars (see `encoder_decoder_param_groups`)."""
+        return encoder_decoder_param_groups(self, self.encoder, lr, encoder_lr_scale, weight_decay)

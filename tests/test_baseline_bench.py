@@ -45,6 +45,19 @@ def test_baseline_end_to_end_shapes(baseline):
     assert (out["depth"] > 0).all() and (out["depth"] <= 10).all()
 
 
+def test_every_trainable_baseline_parameter_gets_a_gradient(baseline):
+    """DDP's precondition (no unused trainable parameters) for `spd train` with architecture=dav2-small."""
+    baseline.train()
+    try:
+        out = baseline(torch.randn(1, 3, 56, 70), torch.tensor([[[3.0, 4.0]]]), return_aux=True)
+        (out["dense_depth"].mean() + out["depth"].mean()).backward()
+        missing = [n for n, p in baseline.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing
+    finally:
+        baseline.zero_grad(set_to_none=True)
+        baseline.eval()
+
+
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "-m", "spd.cli", "bench", "--height", "64", "--width", "96", "--k", "1,16",

@@ -85,6 +85,19 @@ class DepthAnythingBaseline(nn.Module):
         else:
             self.net = DepthAnythingForDepthEstimation(_dav2_small_config(max_depth))
         self.input_mode = input_mode
+        self._freeze_unused_parameters()
+
+    def _freeze_unused_parameters(self) -> None:
+        """transformers builds two parts the forward never uses: DINOv2's mask token (masked
+        pre-training only) and the first DPT fusion layer's residual unit (it has no coarser input).
+        They are frozen so that DistributedDataParallel does not wait for gradients that never come
+        (a test checks that every trainable parameter gets one)."""
+        embeddings = getattr(self.net.backbone, "embeddings", None)
+        if getattr(embeddings, "mask_token", None) is not None:
+            embeddings.mask_token.requires_grad_(False)
+        fusion = getattr(getattr(self.net, "neck", None), "fusion_stage", None)
+        if fusion is not None and hasattr(fusion.layers[0], "residual_layer1"):
+            fusion.layers[0].residual_layer1.requires_grad_(False)
 
     def encode(self, images: torch.Tensor) -> DenseDepth:
         height, width = images.shape[-2:]

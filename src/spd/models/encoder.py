@@ -68,15 +68,14 @@ class Encoder(nn.Module):
         weights_file: local FCMAE / ImageNet weights for that timm model (.safetensors or .pth,
             read by timm without unpickling code). None builds a random encoder and warns: a
             random encoder is fine for tests and the synthetic demo, never for NYU numbers.
-        fast: in eval mode, run the blocks through `convnextv2_block_folded` (exact; ~25 % faster
-            on CPU). Training mode always runs timm's own forward (stochastic depth, checkpointing).
-
     Shape:
-        forward: images (B, 3, H, W) normalised, H and W multiples of 32 ->
+        forward: images (B, 3, H, W) normalised, H and W multiples of 32; `fast` runs the blocks
+        in eval mode through `convnextv2_block_folded` (exact; ~25 % faster on CPU), training mode
+        always runs timm's own forward (stochastic depth, checkpointing) ->
         [(B, C1, H/4, W/4), (B, C2, H/8, W/8), (B, C3, H/16, W/16), (B, C4, H/32, W/32)].
     """
 
-    def __init__(self, name: str, weights_file: str | None = None, warn_random: bool = True, fast: bool = True) -> None:
+    def __init__(self, name: str, weights_file: str | None = None, warn_random: bool = True) -> None:
         super().__init__()
         if weights_file is not None:
             path = Path(weights_file)
@@ -99,11 +98,9 @@ class Encoder(nn.Module):
             raise ValueError(f"encoder {name} must give strides 4/8/16/32; it gives {self.strides}")
         stages = [m for _, m in self.backbone.items() if isinstance(m, ConvNeXtStage)]
         self.foldable = bool(stages) and all(_supports_folding(b) for s in stages for b in s.blocks)
-        self.fast = fast
 
-    def forward(self, images: torch.Tensor, fast: bool | None = None) -> list[torch.Tensor]:
-        """`fast` overrides the constructor's choice for this call."""
-        use_folded = (self.fast if fast is None else fast) and self.foldable and not self.training
+    def forward(self, images: torch.Tensor, fast: bool = True) -> list[torch.Tensor]:
+        use_folded = fast and self.foldable and not self.training
         return self.forward_folded(images) if use_folded else self.backbone(images)
 
     def forward_folded(self, images: torch.Tensor) -> list[torch.Tensor]:

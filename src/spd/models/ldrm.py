@@ -130,8 +130,7 @@ class LocalRefinement(nn.Module):
         return F.grid_sample(feat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).flatten(1)
 
 
-
-def _upsample_matrix(size: int, like: torch.Tensor) -> torch.Tensor:
+def _upsample_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(2*size, size) matrix of bilinear x2 upsampling with align_corners=False (as F.interpolate)."""
     matrix = [[0.0] * size for _ in range(2 * size)]
     for out in range(2 * size):
@@ -141,7 +140,7 @@ def _upsample_matrix(size: int, like: torch.Tensor) -> torch.Tensor:
         weight = source - low
         matrix[out][low] += 1 - weight
         matrix[out][high] += weight
-    return torch.tensor(matrix, dtype=like.dtype, device=like.device)
+    return torch.tensor(matrix, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -149,7 +148,7 @@ def _windows_28(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The fast path's second x2 upsampling of a 4x4 feat_14 window, one 2D map per window start:
     rows [1, 5) or [2, 6) of the 8x4 upsampling matrix per axis -> (4, 16, 16). Constant, so cached
     (per dtype and device) instead of being rebuilt in every decode call."""
-    up_4 = _upsample_matrix(4, torch.empty(0, dtype=dtype, device=device))  # (8, 4)
+    up_4 = _upsample_matrix(4, dtype, device)  # (8, 4)
     return _window_pairs(torch.stack([up_4[1:5], up_4[2:6]]))
 
 

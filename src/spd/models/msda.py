@@ -98,17 +98,21 @@ class MSDeformableAttention(nn.Module):
             locations: per level (B, K, H, P, 2) normalised grid coordinates.
             weights: (B, K, H, L, P), softmax over L*P per head.
         """
-        batch, num_queries, _ = h.shape
-        heads, levels, points = self.n_heads, self.n_levels, self.n_points
-        offsets = self.sampling_offsets(h).view(batch, num_queries, heads, levels, points, 2)
-        weights = self.attention_weights(h).view(batch, num_queries, heads, levels * points)
-        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        offsets, weights = self._offsets_and_weights(h)
         locations = []
         for level, (height, width) in enumerate(level_sizes):
             # Offsets are in cells of this level; a cell spans 2/w in normalised units.
             cell = h.new_tensor([2.0 / width, 2.0 / height])
             locations.append(grid[:, :, None, None, :] + offsets[:, :, :, level] * cell)  # (B, K, H, P, 2)
         return locations, weights
+
+    def _offsets_and_weights(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """offsets (B, K, H, L, P, 2) in cells of each level; weights (B, K, H, L, P), softmax over L*P per head."""
+        batch, num_queries, _ = h.shape
+        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        offsets = self.sampling_offsets(h).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(h).view(batch, num_queries, heads, levels * points).softmax(-1)
+        return offsets, weights.view(batch, num_queries, heads, levels, points)
 
     @property
     def samples_raw_maps(self) -> bool:
@@ -163,11 +167,10 @@ class MSDeformableAttention(nn.Module):
         output_proj.
         """
         batch, num_queries, _ = h.shape
-        heads, levels, points = self.n_heads, self.n_levels, self.n_points
+        heads, levels = self.n_heads, self.n_levels
         head_dim = self.d_model // heads
-        offsets = self.sampling_offsets(h).view(batch, num_queries, heads, levels, points, 2)
-        weights = self.attention_weights(h).view(batch, num_queries, heads, levels * points).softmax(-1)
-        weights = weights.view(batch, num_queries, heads, levels, points).permute(3, 0, 1, 2, 4)  # (L, B, K, H, P)
+        offsets, weights = self._offsets_and_weights(h)
+        weights = weights.permute(3, 0, 1, 2, 4)  # (L, B, K, H, P)
         sizes = torch.tensor([v.shape[-2:] for v in values], device=h.device)  # (L, 2) = (h_l, w_l)
         extent = sizes.flip(-1).to(h.dtype).view(levels, 1, 1, 2)  # (L, 1, 1, 2) = (w_l, h_l)
         query_cells = ((grid + 1.0) * extent - 1.0) / 2.0  # (L, B, K, 2): cell centres at integers

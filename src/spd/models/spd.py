@@ -23,7 +23,8 @@ from spd.models.seed import QuerySeed
 class EncodedFeatures:
     """Everything `decode` needs, computed once per image batch by `encode`.
 
-    Shapes (H, W = padded image size), maps in channels-last memory (one row per cell):
+    Shapes (H, W = padded image size); l1, l2, proj_l3, proj_l4 and the value maps in channels-last
+    memory (one row per cell):
         l1 (B, d, H/4, W/4), l2 (B, d, H/8, W/8), l3 (B, C3, H/16, W/16), l4 (B, C4, H/32, W/32),
         proj_l3 (B, d, H/16, W/16), proj_l4 (B, d, H/32, W/32),
         msda_values: per MSDA layer its four value maps (`MSDeformableAttention.value_maps`),
@@ -66,7 +67,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         super().__init__()
         self.config = config
         cfg = config
-        self.encoder = Encoder(cfg.encoder_name, cfg.encoder_weights, warn_random=warn_random_encoder, fast=cfg.encoder_fast)
+        self.encoder = Encoder(cfg.encoder_name, cfg.encoder_weights, warn_random=warn_random_encoder)
         self.neck = Neck(self.encoder.channels, cfg.d_model, cfg.l3_dim, cfg.global_projection)
         level_dims = self.neck.out_dims
         self.l4_self_attn = (
@@ -114,8 +115,8 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         if self.l4_self_attn is not None:
             l4 = self.l4_self_attn(l4)
         proj_l3, proj_l4, global_kv = self.precompute(l3, l4)
-        l1, l2, l3, l4, proj_l3, proj_l4 = (m.contiguous(memory_format=torch.channels_last)
-                                            for m in (l1, l2, l3, l4, proj_l3, proj_l4))
+        # The maps decode reads by rows (seed, canvas, LDRM) in channels-last memory, once here.
+        l1, l2, proj_l3, proj_l4 = (m.contiguous(memory_format=torch.channels_last) for m in (l1, l2, proj_l3, proj_l4))
         msda_values = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
         return EncodedFeatures(l1, l2, l3, l4, proj_l3, proj_l4, msda_values, global_kv, image_size)
 
@@ -151,9 +152,9 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         seed_maps = [features.l1, features.l2, features.proj_l3, features.proj_l4]
         # The queries do not move: their bilinear corners on each level are computed once per call.
         # Plans for L2/L3/L4 serve the canvas; the one for L1 only the gather-reading seed.
-        plans = [make_splat_plan(grid, mask, tuple(level.shape[-2:])) for level in seed_maps[0 if fast else 1 :]]
+        plans = [make_splat_plan(grid, mask, tuple(level.shape[-2:])) for level in seed_maps]
         h = self.seed(seed_maps, grid, positions, plans if fast else None)
-        canvas_plans = plans[1:] if fast else plans
+        canvas_plans = plans[1:]
         # The canvas starts from the encoder's maps every call; the fast path writes in place, so it
         # gets its own copy. Channels-last memory: depthwise convs and row gathers are fast that way.
         canvas = [m.clone() if fast else m for m in seed_maps[1:]]

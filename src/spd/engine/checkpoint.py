@@ -64,6 +64,16 @@ def read_model_config(folder: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: not an SPD model config ({err})") from err
 
 
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or CheckpointError naming the file and the problem."""
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: not found")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({err})") from err
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> SPD:
     """Loads an SPD model folder (or a Hugging Face Hub id, downloaded with huggingface_hub).
 
@@ -80,12 +90,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> SPD:
             raise CheckpointError(f"{folder}: model folder not found")
     config = read_model_config(folder)
     weights = folder / MODEL_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: not found")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({err})") from err
+    state = read_weights(weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-encoder warning: the weights come next
         model = SPD(config, warn_random_encoder=False)
@@ -161,12 +166,7 @@ def find_resumable(checkpoints: Path) -> Path | None:
 def load_checkpoint_weights(model, folder: Path) -> None:
     """Puts a checkpoint folder's weights into the model being trained (resume)."""
     if isinstance(model, SPD):
-        weights = folder / MODEL_FILE
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({err})") from err
-        model.load_state_dict(state)
+        model.load_state_dict(read_weights(folder / MODEL_FILE))
     else:
         try:
             model.load_weights(folder)

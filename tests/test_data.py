@@ -13,12 +13,12 @@ from spd.data.check import check_dataset
 from spd.data.queries import (
     crop_mask,
     downsample_valid_mean,
-    gather_patches,
     sample_eval_queries,
     sample_uniform_queries,
 )
 from spd.data.synthetic import generate
 from spd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from spd.geometry.windows import gather_windows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nyu_real"
 
@@ -43,7 +43,8 @@ def test_real_fixtures_depth_is_png_millimetres_over_1000(tmp_path):
         assert torch.equal(sample["depth"][0], expected)
         assert torch.equal(sample["valid"][0], torch.from_numpy(raw > 0))  # holes (0) are invalid
         assert (raw == 0).mean() > 0.2  # these fixtures really have holes
-        assert sample["image"].shape == (3, 480, 640) and sample["focal"] == pytest.approx(518.8579)
+        assert sample["image"].shape == (3, 480, 640)
+        assert sample["focal"] == pytest.approx(518.8579)
         rgb = np.asarray(Image.open(FIXTURES / "sync" / f"rgb_{n}.jpg"), dtype=np.float32) / 255.0
         torch.testing.assert_close(_unnormalise(sample["image"]), torch.from_numpy(rgb).permute(2, 0, 1))
 
@@ -51,10 +52,12 @@ def test_real_fixtures_depth_is_png_millimetres_over_1000(tmp_path):
 def test_official_test_fixture_reads(tmp_path):
     filelist = _write_list(tmp_path / "list.txt", ["rgb.png depth.png 518.8579"])
     sample = NYUDepth(FIXTURES / "official_test", filelist, split="test", num_queries=256)[0]
-    assert sample["queries"].shape == (256, 2) and sample["query_mask"].all()
+    assert sample["queries"].shape == (256, 2)
+    assert sample["query_mask"].all()
     inside = crop_mask(480, 640, "eigen")
     u, v = sample["queries"].long().unbind(-1)
-    assert inside[v, u].all() and sample["valid"][0, v, u].all()
+    assert inside[v, u].all()
+    assert sample["valid"][0, v, u].all()
 
 
 def _block_frame(tmp_path: Path, size=(480, 640)) -> Path:
@@ -80,7 +83,8 @@ def test_augmentation_without_rotation_keeps_exact_alignment(tmp_path):
     for epoch in range(6):
         dataset.set_epoch(epoch)
         sample = dataset[0]
-        assert sample["image"].shape == (3, 416, 544) and sample["depth"].shape == (1, 416, 544)
+        assert sample["image"].shape == (3, 416, 544)
+        assert sample["depth"].shape == (1, 416, 544)
         torch.testing.assert_close(_red_to_depth(sample["image"]), sample["depth"][0], atol=1e-4, rtol=0)
         flips.add(float(sample["depth"][0, 0, 0]))
     assert len(flips) > 1  # crops/flips really change between epochs
@@ -103,7 +107,8 @@ def test_same_epoch_and_index_give_the_same_sample(tmp_path):
     filelist = _block_frame(tmp_path)
     dataset = NYUDepth(tmp_path, filelist, split="train", num_queries=32)
     a, b = dataset[0], dataset[0]
-    assert torch.equal(a["image"], b["image"]) and torch.equal(a["queries"], b["queries"])
+    assert torch.equal(a["image"], b["image"])
+    assert torch.equal(a["queries"], b["queries"])
 
 
 def test_uniform_queries_pad_when_few_valid():
@@ -121,14 +126,15 @@ def test_eval_queries_are_fixed_for_a_seed():
     other, _ = sample_eval_queries(valid, 4, seed=1, sample_id="bathroom/rgb_00045")
     # numpy's PCG64 stream is platform-independent: these exact points on every machine.
     assert first.tolist() == [[110.0, 247.0], [162.0, 466.0], [277.0, 182.0], [514.0, 428.0]]
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
 
 
 def test_patch_gt_crops_align_with_the_model_patch(tiny_model):
     depth = torch.arange(48 * 64, dtype=torch.float32).view(1, 1, 48, 64)
     queries = torch.tensor([[[10.0, 20.0], [33.0, 5.0], [63.0, 47.0]]])
     origin = tiny_model.ldrm_patch_origin(queries)
-    crops = gather_patches(depth, origin, 28)[:, :, 0]  # (1, K, 28, 28)
+    crops = gather_windows(depth, origin, 28)[:, :, 0]  # (1, K, 28, 28)
     for k in range(3):
         x0, y0 = origin[0, k].tolist()
         for j, i in [(0, 0), (13, 14), (27, 27), (5, 20)]:
@@ -144,7 +150,8 @@ def test_canvas_gt_never_averages_holes():
     depth = torch.tensor([[1.0, 3.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]]).view(1, 1, 2, 4)
     valid = depth > 0
     gt, gt_valid = downsample_valid_mean(depth, valid, stride=2)
-    assert gt.tolist() == [[[[3.0, 0.0]]]] and gt_valid.tolist() == [[[[True, False]]]]
+    assert gt.tolist() == [[[[3.0, 0.0]]]]
+    assert gt_valid.tolist() == [[[[True, False]]]]
 
 
 def test_collate_pads_variable_k():
@@ -160,15 +167,19 @@ def test_synth_output_loads_and_checks(tmp_path):
     out = generate(tmp_path / "syn", n_train=3, n_test=2, size=(96, 128), holes=True, seed=7, workers=1, progress=False)
     train = NYUDepth(out / "sync", out / "train_files.txt", split="train", crop_size=(64, 96), num_queries=16)
     test = NYUDepth(out / "official_splits/test", out / "test_files.txt", split="test", eval_crop="none", num_queries=16)
-    assert len(train) == 3 and len(test) == 2
-    assert train[0]["image"].shape == (3, 64, 96) and test[1]["depth"].shape == (1, 96, 128)
+    assert len(train) == 3
+    assert len(test) == 2
+    assert train[0]["image"].shape == (3, 64, 96)
+    assert test[1]["depth"].shape == (1, 96, 128)
     assert check_dataset(out / "sync", out / "train_files.txt", progress=False).ok
     assert check_dataset(out / "official_splits/test", out / "test_files.txt", progress=False).ok
     # Deterministic per seed.
     again = generate(tmp_path / "again", n_train=3, n_test=0, size=(96, 128), holes=True, seed=7, workers=1, progress=False)
     a = read_depth_png(out / "sync/synth_room_00002/sync_depth_00000.png")
     b = read_depth_png(again / "sync/synth_room_00002/sync_depth_00000.png")
-    assert np.array_equal(a, b) and (a == 0).any() and a.max() > 0.5
+    assert np.array_equal(a, b)
+    assert (a == 0).any()
+    assert a.max() > 0.5
 
 
 def test_bad_files_are_named_and_all_reported(tmp_path):
@@ -216,7 +227,8 @@ def test_labeled_mat_official_split(tmp_path):
         f["images"], f["depths"] = images, depths
     dataset = NYULabeled(path, split="test", num_queries=8, eval_crop="none")
     # Official test indices (1-based) start 1, 2, 9, 14, 15, 16: six of them below 16 frames.
-    assert len(dataset) == 6 and dataset.indices == [0, 1, 8, 13, 14, 15]
+    assert len(dataset) == 6
+    assert dataset.indices == [0, 1, 8, 13, 14, 15]
     sample = dataset[2]
     assert sample["id"] == "labeled_00008"
     assert torch.equal(sample["depth"][0], torch.from_numpy(depths[8].T.copy()))

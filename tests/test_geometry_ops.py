@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from spd.models.geometry import bilinear_splat, make_splat_plan, padded_size, pixel_to_grid, sample_at
+from spd.geometry.coords import padded_size, pixel_to_grid
+from spd.models.splat import bilinear_splat, make_splat_plan, sample_at
 from spd.models.ldrm import LocalRefinement, _upsample2
 from spd.models.msda import MSDeformableAttention, msda_aggregate_reference
 
@@ -127,7 +128,7 @@ def test_ldrm_feat28_pixel_alignment():
     l1 = _ramp_l1(30, 40)  # a 120 x 160 image
     queries = torch.tensor([[[50.0, 60.0], [61.3, 47.9], [80.7, 70.2], [63.99, 52.0]]], dtype=torch.float64)
     origin = ldrm.patch_origin(queries)  # (c0, r0) in cells
-    patches = ldrm.gather_patches(l1, origin, 7)
+    patches = ldrm.gather_patch_cells(l1, origin, 7)
     up = _upsample2(_upsample2(patches))  # the two bilinear x2 steps of LDRM: (K, 2, 28, 28)
     i = torch.arange(28, dtype=torch.float64)
     for k in range(queries.shape[1]):
@@ -158,5 +159,7 @@ def test_ldrm_fast_path_matches_full_patch(patch, dtype):
 def test_ldrm_gather_zeros_outside_the_map():
     ldrm = LocalRefinement(in_dim=1, mid_dim=2, out_dim=2, patch=7)
     l1 = torch.ones(1, 1, 4, 4)
-    patches = ldrm.gather_patches(l1, ldrm.patch_origin(torch.tensor([[[0.0, 0.0]]])), 7)
-    assert patches[0, 0, 3:, 3:].eq(1).all() and patches[0, 0, :3].eq(0).all() and patches[0, 0, :, :3].eq(0).all()
+    patches = ldrm.gather_patch_cells(l1, ldrm.patch_origin(torch.tensor([[[0.0, 0.0]]])), 7)
+    assert patches[0, 0, 3:, 3:].eq(1).all()
+    assert patches[0, 0, :3].eq(0).all()
+    assert patches[0, 0, :, :3].eq(0).all()

@@ -71,4 +71,5 @@ def test_accumulator_is_the_mean_of_images():
     acc.update(None)
     out = acc.compute()
     assert out["abs_rel"] == pytest.approx((a["abs_rel"] + b["abs_rel"]) / 2)
-    assert acc.count == 2 and acc.skipped == 1
+    assert acc.count == 2
+    assert acc.skipped == 1

@@ -36,21 +36,26 @@ def test_dense_protocol_with_an_oracle_is_perfect(synth_root):
     dataset = NYUDepth(synth_root / "official_splits/test", synth_root / "test_files.txt", split="test")
     metrics, acc = evaluate(Oracle(dataset), dataset, "dense", crop="none", chunk=1000, progress=False)
     assert acc.count == 4
-    assert metrics["abs_rel"] == 0 and metrics["rmse"] == 0 and metrics["delta1"] == 1
+    assert metrics["abs_rel"] == 0
+    assert metrics["rmse"] == 0
+    assert metrics["delta1"] == 1
 
 
 def test_sparse_protocol_with_an_oracle_is_perfect(synth_root):
     dataset = NYUDepth(synth_root / "official_splits/test", synth_root / "test_files.txt", split="test",
                        num_queries=64, eval_crop="none")
     metrics, _ = evaluate(Oracle(dataset), dataset, "sparse", crop="none", progress=False)
-    assert metrics["abs_rel"] == 0 and metrics["delta1"] == 1
+    assert metrics["abs_rel"] == 0
+    assert metrics["delta1"] == 1
 
 
 def test_dense_order_is_fixed_per_seed():
     valid = torch.rand(30, 40) > 0.3
     a, b = dense_query_order(valid, 0, "x"), dense_query_order(valid, 0, "x")
-    assert torch.equal(a, b) and not torch.equal(a, dense_query_order(valid, 1, "x"))
-    assert a.shape[0] == int(valid.sum()) and valid[a[:, 1].long(), a[:, 0].long()].all()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, dense_query_order(valid, 1, "x"))
+    assert a.shape[0] == int(valid.sum())
+    assert valid[a[:, 1].long(), a[:, 0].long()].all()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +75,8 @@ def test_every_image_form_gives_the_same_depth(predictor, picture):
     rgb, path = picture
     points = [[0, 0], [100, 69], [50.5, 30.25], [3, 60]]
     reference = predictor.predict(path, points)
-    assert reference.dtype == np.float32 and reference.shape == (4,)
+    assert reference.dtype == np.float32
+    assert reference.shape == (4,)
     for form in (str(path), Image.open(path), rgb, torch.from_numpy(rgb).permute(2, 0, 1),
                  torch.from_numpy(rgb).float().permute(2, 0, 1) / 255.0):
         np.testing.assert_allclose(predictor.predict(form, points), reference, rtol=1e-6)
@@ -82,7 +88,8 @@ def test_point_set_sizes_and_borders(predictor, picture):
     assert predictor.predict(rgb, np.zeros((0, 2))).shape == (0,)
     many = np.random.default_rng(1).uniform([-0.5, -0.5], [100.5, 69.5], size=(10_000, 2))
     depth = predictor.predict(rgb, many)
-    assert depth.shape == (10_000,) and np.isfinite(depth).all()
+    assert depth.shape == (10_000,)
+    assert np.isfinite(depth).all()
     border = [[-0.5, -0.5], [100.5, 69.5], [0, 69], [100, 0]]
     assert np.isfinite(predictor.predict(rgb, border)).all()
     # Chunked decoding is deterministic, and encode once / decode many matches predict.
@@ -123,13 +130,17 @@ def test_spd_predict_cli_writes_json_csv_and_a_readable_overlay(tmp_path, tiny_m
     subprocess.run(base + ["--points", "10,20;50.5,30", "--out", str(tmp_path / "o.json"), "--vis", str(tmp_path / "v.png"),
                            "--intrinsics", "100,100,50,35"], check=True, capture_output=True)
     result = json.loads((tmp_path / "o.json").read_text())
-    assert [p["u"] for p in result["points"]] == [10, 50.5] and "z_m" in result["points"][0]
+    assert [p["u"] for p in result["points"]] == [10, 50.5]
+    assert "z_m" in result["points"][0]
     overlay = np.asarray(Image.open(tmp_path / "v.png"))
-    assert overlay.shape[0] > 300 and overlay.shape[1] > 400 and overlay.std() > 10
+    assert overlay.shape[0] > 300
+    assert overlay.shape[1] > 400
+    assert overlay.std() > 10
     subprocess.run(base + ["--grid", "4", "--out", str(tmp_path / "o.csv")], check=True, capture_output=True)
     assert (tmp_path / "o.csv").read_text().count("\n") == 17
     bad = subprocess.run(base + ["--points", "10,20;500,30"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "point 1" in bad.stderr
+    assert bad.returncode != 0
+    assert "point 1" in bad.stderr
 
 
 def test_torch_hub_entry_point(tmp_path, tiny_model):

@@ -12,10 +12,11 @@ from spd.build import build_model
 from spd.config import ModelConfig, preset_config
 from spd.hub import CheckpointError, load_model, save_model
 from spd.models import SPD, EncodedFeatures
+from spd.models.paths import InferencePaths
 from spd.predictor import Predictor
 
 __all__ = [
     "ModelConfig", "preset_config", "SPD", "EncodedFeatures", "build_model", "load_model", "save_model",
-    "CheckpointError", "Predictor",
+    "CheckpointError", "Predictor", "InferencePaths",
 ]
 __version__ = "0.1.0"

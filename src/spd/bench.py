@@ -3,6 +3,7 @@ in one process, same input, same settings (both eager or both compiled), medians
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -53,19 +54,14 @@ def measure_fast_paths(model, image: torch.Tensor, queries: torch.Tensor, k: int
     """Each exact inference fast path on and off (eager): encode with the folded encoder against
     timm's forward, decode(K) with the gather / in-place paths against the reference paths (the
     LDRM receptive-field path stays on in both: the full 28x28 patches cost ~17x the MACs)."""
-    config = model.config
+    fast = model.inference_paths()
     features = model.encode(image)
     out = {"k": k}
-    timed = {
-        "encoder": (lambda: model.encode(image), max(3, repeat // 2)),
-        "decoder": (lambda: model.decode(features, queries), repeat),
-    }
-    for part, (fn, runs) in timed.items():
-        flag, original = f"{part}_fast", getattr(config, f"{part}_fast")
-        for state, label in ((True, "fast"), (False, "reference")):
-            setattr(config, flag, state)
-            out[f"{part}_{label}_ms"] = median_ms(fn, runs, device)
-        setattr(config, flag, original)
+    for state, label in ((True, "fast"), (False, "reference")):
+        encode_paths = dataclasses.replace(fast, encoder=state)
+        decode_paths = dataclasses.replace(fast, decoder=state)
+        out[f"encoder_{label}_ms"] = median_ms(lambda: model.encode(image, encode_paths), max(3, repeat // 2), device)
+        out[f"decoder_{label}_ms"] = median_ms(lambda: model.decode(features, queries, paths=decode_paths), repeat, device)
     return out
 
 

@@ -58,7 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load_any_model(spec: str, device: str):
     """A model folder / Hub id, `median:<metres>` (a constant predictor) or `baseline:<folder|random>`."""
     if spec.startswith("median:"):
-        from spd.models.reference import ConstantDepth
+        from spd.models.constant import ConstantDepth
 
         return ConstantDepth(float(spec.split(":", 1)[1]))
     if spec.startswith("baseline:"):

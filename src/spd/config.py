@@ -61,8 +61,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.ldrm_patch < 5 or self.ldrm_patch % 2 == 0:
-            raise ValueError(f"ldrm_patch must be odd and >= 5, got {self.ldrm_patch}")
+        check_ldrm_patch(self.ldrm_patch)
+
+
+def check_ldrm_patch(patch: int) -> None:
+    """LDRM patches are odd (centred on the query's cell) and >= 5 (the fast path reads 2 cells each side)."""
+    if patch < 5 or patch % 2 == 0:
+        raise ValueError(f"ldrm_patch must be odd and >= 5 (the fast path needs 2 cells each side), got {patch}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -15,11 +15,11 @@ import numpy as np
 
 from spd.data import NYUDepth, read_rgb
 from spd.data.synthetic import TEST_DIR, TRAIN_DIR, generate
-from spd.engine.checkpoint import load_model
+from spd.models.spd import load_model
 from spd.engine.evaluate import evaluate
 from spd.engine.train import train
 from spd.metrics import METRIC_NAMES, format_metrics
-from spd.models.reference import ConstantDepth, median_training_depth
+from spd.models.constant import ConstantDepth, median_training_depth
 from spd.predictor import Predictor
 from spd.train_config import load_config
 from spd.vis import save_point_overlay, save_scatter, save_training_curves

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from spd.data.queries import downsample_valid_mean, gather_patches
+from spd.data.queries import downsample_valid_mean
+from spd.geometry.windows import gather_windows
 
 
 def silog_per_image(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
@@ -59,7 +60,7 @@ def spd_losses(
     total = terms["sparse"] + canvas_weight * terms["canvas"]
     if "ldrm_patch_depth" in out and patch_origin is not None:
         size = out["ldrm_patch_depth"].shape[-1]
-        gt = gather_patches(torch.cat([depth, valid.to(depth.dtype)], 1), patch_origin, size)  # (B, K, 2, S, S)
+        gt = gather_windows(torch.cat([depth, valid.to(depth.dtype)], 1), patch_origin, size)  # (B, K, 2, S, S)
         patch_valid = (gt[:, :, 1] > 0.5) & query_mask[..., None, None]
         terms["patch"] = silog_per_image(out["ldrm_patch_depth"], gt[:, :, 0], patch_valid, lam)
         total = total + patch_weight * terms["patch"]

@@ -41,7 +41,7 @@ def parameter_table(model: SPD) -> dict:
         "encoder": count(model.encoder),
         "neck": count(model.neck),
         "l4_self_attn": count(model.l4_self_attn),
-        "precompute": count(model.precompute),
+        "precompute": count(model.coarse_proj) + count(model.global_kv),  # the plan's one pre-compute row
         "seed": count(model.seed),
         "msda_layers": count(model.msda_layers),
         "global_layers": count(model.global_layers),

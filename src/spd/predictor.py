@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from spd.chunked import decode_in_chunks
 from spd.data.io import read_rgb
 from spd.data.transforms import normalize_image
+from spd.geometry.validation import validate_queries
 
 ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W, 3) uint8 | torch.Tensor (3, H, W)
 
@@ -73,25 +75,16 @@ def image_to_uint8(image: ImageLike) -> np.ndarray:
 
 
 def check_points(points, height: int, width: int) -> torch.Tensor:
-    """(K, 2) pixel (u, v) -> float32 tensor; ValueError naming the first bad point."""
+    """(K, 2) pixel (u, v) in any array form -> float32 tensor, checked by the model's own rule
+    (`validate_queries`); ValueError naming the first bad point."""
     array = np.asarray(points.detach().cpu() if isinstance(points, torch.Tensor) else points, dtype=np.float64)
     if array.size == 0:
         return torch.zeros(0, 2)
     if array.ndim != 2 or array.shape[1] != 2:
         raise ValueError(f"points must have shape (K, 2) as (u, v) pixels; got shape {array.shape}")
-    finite = np.isfinite(array).all(1)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        raise ValueError(f"point {i} is not finite: {array[i].tolist()}")
-    u, v = array[:, 0], array[:, 1]
-    inside = (u >= -0.5) & (u <= width - 0.5) & (v >= -0.5) & (v <= height - 0.5)
-    if not inside.all():
-        i = int(np.argmin(inside))
-        raise ValueError(
-            f"point {i} = (u={u[i]:g}, v={v[i]:g}) is outside the {width}x{height} image "
-            f"(valid: -0.5 <= u <= {width - 0.5}, -0.5 <= v <= {height - 0.5})"
-        )
-    return torch.from_numpy(array.astype(np.float32))
+    queries = torch.from_numpy(array)
+    validate_queries(queries[None], (height, width), noun="point")  # float64: the check sees the user's values
+    return queries.float()
 
 
 def backproject(points: np.ndarray, depth: np.ndarray, intrinsics: Sequence[float]) -> np.ndarray:
@@ -123,7 +116,7 @@ class Predictor:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device = "cpu", **kwargs) -> "Predictor":
         """A model folder (`config.json` + `model.safetensors`) or a Hugging Face Hub id."""
-        from spd.engine.checkpoint import load_model
+        from spd.models.spd import load_model
 
         return cls(load_model(path_or_hub_id, device), device, **kwargs)
 
@@ -136,19 +129,9 @@ class Predictor:
     @torch.inference_mode()
     def decode(self, features: ImageFeatures, points) -> np.ndarray:
         """Depth [m] at (K, 2) points of the encoded image. Returns (K,) float32."""
-        queries = check_points(points, features.height, features.width)
-        count = queries.shape[0]
-        if count == 0:
-            return np.zeros(0, dtype=np.float32)
-        if count > self.chunk_size:
-            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed))
-        else:
-            order = torch.arange(count)
-        shuffled = queries[order].to(self.device)
-        depth = torch.cat([self.model.decode(features.features, part[None])[0] for part in shuffled.split(self.chunk_size)])
-        out = torch.empty(count, dtype=torch.float32)
-        out[order] = depth.float().cpu()
-        return out.numpy()
+        queries = check_points(points, features.height, features.width).to(self.device)
+        depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed)
+        return depth.float().cpu().numpy()
 
     def predict(self, image: ImageLike, points) -> np.ndarray:
         """Depth [m] at (K, 2) pixel points. Returns (K,) float32."""

@@ -37,6 +37,23 @@ class SplitEntry:
     id: str
 
 
+SPLIT_LISTS = resources.files("spd.data.splits")
+NYU_TRAIN_LIST = SPLIT_LISTS / "nyudepthv2_train_files_with_gt.txt"  # relative to <nyu>/sync
+NYU_TEST_LIST = SPLIT_LISTS / "nyudepthv2_test_files_with_gt.txt"  # relative to <nyu>/official_splits/test
+
+
+def resolve_split_list(root: str | Path, explicit: str | Path | None, split: Literal["train", "test"]) -> Path:
+    """The split list of a dataset root, one rule for every command: `explicit` when given, else
+    ROOT/{split}_files.txt (what `spd synth` writes) when present, else the bundled NYU list
+    (BTS / ZoeDepth / Depth Anything's Eigen split)."""
+    if explicit:
+        return Path(explicit)
+    beside = Path(root) / f"{split}_files.txt"
+    if beside.is_file():
+        return beside
+    return Path(str(NYU_TRAIN_LIST if split == "train" else NYU_TEST_LIST))
+
+
 def read_filelist(root: str | Path, filelist: str | Path) -> list[SplitEntry]:
     """Parses a BTS split list: `rgb_path depth_path focal` per line, paths relative to `root`
     (a leading '/' is stripped). Raises DataError naming the list and line when a line is malformed."""

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spd.models.geometry import gather_windows as gather_patches  # noqa: F401 - the LDRM GT crops
 
 CropName = Literal["eigen", "garg", "none"]
 EIGEN_CROP = (45, 471, 41, 601)  # rows, cols (end exclusive) of a 480 x 640 NYU frame (BTS / ZoeDepth)

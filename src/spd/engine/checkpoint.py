@@ -1,110 +1,24 @@
-"""Checkpoints: model folders (config.json + model.safetensors) and atomic training state.
+"""Training state: optimiser, scaler, RNG states and progress, saved beside a model folder.
 
-Nothing here unpickles code: weights are safetensors, the training state is read with
-`torch.load(weights_only=True)` and holds only tensors and plain Python values.
+A training checkpoint folder is a model folder (`spd.models.spd.save_model`, or the baseline's
+Hugging Face folder) plus `training_state.pt`. Nothing here unpickles code: the training state is
+read with `torch.load(weights_only=True)` and holds only tensors and plain Python values.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from spd.config import ModelConfig
-from spd.models.spd import SPD
+from spd.models.folder import MODEL_FILE, CheckpointError, read_weights
+from spd.models.spd import SPD, save_model
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 STATE_FILE = "training_state.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder is missing, truncated, tampered with or does not fit the model."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_model(model: SPD, folder: str | Path) -> Path:
-    """Writes `config.json` + `model.safetensors` (the Hugging Face layout), each file atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(folder / MODEL_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt", "library": "spd"}))
-    config = model.config.to_dict()
-    config["encoder_weights"] = None  # the weights now live in model.safetensors
-    _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps({"model_type": "spd", **config}, indent=2)))
-    return folder
-
-
-def read_model_config(folder: Path) -> ModelConfig:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (a model folder holds {CONFIG_FILE} and {MODEL_FILE})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-    data.pop("model_type", None)
-    data["encoder_weights"] = None
-    try:
-        return ModelConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: not an SPD model config ({err})") from err
-
-
-def read_weights(weights: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, or CheckpointError naming the file and the problem."""
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: not found")
-    try:
-        return load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({err})") from err
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> SPD:
-    """Loads an SPD model folder (or a Hugging Face Hub id, downloaded with huggingface_hub).
-
-    Strict: every tensor must be present with the right shape; a truncated or tampered file
-    raises CheckpointError naming the file and the problem.
-    """
-    folder = Path(path)
-    if not folder.exists():
-        if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(str(path), allow_patterns=[CONFIG_FILE, MODEL_FILE]))
-        else:
-            raise CheckpointError(f"{folder}: model folder not found")
-    config = read_model_config(folder)
-    weights = folder / MODEL_FILE
-    state = read_weights(weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random-encoder warning: the weights come next
-        model = SPD(config, warn_random_encoder=False)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{weights}: does not match the model in {CONFIG_FILE}: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
-        )
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
 
 
 def rng_state() -> dict:

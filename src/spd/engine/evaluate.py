@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from spd.chunked import decode_in_chunks
 from spd.data.queries import crop_mask, eval_seed
 from spd.metrics import MetricAccumulator, depth_metrics
 
@@ -29,13 +30,6 @@ def dense_query_order(valid: torch.Tensor, seed: int, sample_id: str) -> torch.T
     rows, cols = np.nonzero(valid.numpy())
     order = np.random.Generator(np.random.PCG64(eval_seed(seed, sample_id))).permutation(rows.size)
     return torch.from_numpy(np.stack([cols[order], rows[order]], -1).astype(np.float32))
-
-
-@torch.inference_mode()
-def decode_in_chunks(model, features, queries: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Depth at (N, 2) queries of one image, `chunk` queries per decode call. Returns (N,)."""
-    out = [model.decode(features, part[None])[0] for part in queries.split(chunk)]
-    return torch.cat(out) if out else queries.new_zeros(0)
 
 
 @torch.inference_mode()

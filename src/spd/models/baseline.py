@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.models.geometry import pixel_to_grid, sample_at, validate_queries
+from spd.geometry.coords import pixel_to_grid
+from spd.geometry.validation import validate_queries
+from spd.models.splat import sample_at
 from spd.models.optim_groups import encoder_decoder_param_groups
 
 InputMode = Literal["fair", "official"]
@@ -108,18 +110,23 @@ class DepthAnythingBaseline(nn.Module):
             depth = F.interpolate(depth, size=(height, width), mode="bilinear", align_corners=False)
         return DenseDepth(depth, (height, width))
 
-    def decode(self, features: DenseDepth, queries: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = validate_queries(queries, features.image_size, mask, features.batch_size)
+    def decode(
+        self, features: DenseDepth, queries: torch.Tensor, mask: torch.Tensor | None = None, check_values: bool = True
+    ) -> torch.Tensor:
+        mask = validate_queries(queries, features.image_size, mask, features.batch_size, check_values)
         if queries.shape[1] == 0:
             return queries.new_zeros(queries.shape[0], 0)
         queries = torch.where(mask.unsqueeze(-1), queries, torch.zeros_like(queries))
         grid = pixel_to_grid(queries, features.image_size)
         return sample_at(features.depth, grid)[..., 0] * mask
 
-    def forward(self, images: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor | None = None, return_aux: bool = False):
+    def forward(
+        self, images: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor | None = None, return_aux: bool = False,
+        check_values: bool = True,
+    ):
         """depth (B, K), or with `return_aux` {"depth", "dense_depth" (B, 1, H, W)} for the dense loss."""
         features = self.encode(images)
-        depth = self.decode(features, queries, mask)
+        depth = self.decode(features, queries, mask, check_values)
         return {"depth": depth, "dense_depth": features.depth} if return_aux else depth
 
     def param_groups(self, lr: float, encoder_lr_scale: float = 0.1, weight_decay: float = 0.01) -> list[dict]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.models.geometry import SplatPlan, sample_at
+from spd.models.splat import SplatPlan, sample_at
 
 
 def depthwise3x3(dim: int) -> nn.Conv2d:

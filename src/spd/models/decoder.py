@@ -2,49 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
 from spd.models.canvas import CanvasSublayer
-from spd.models.global_attn import FeedForward, GlobalCrossAttention, QuerySelfAttention
-from spd.models.msda import MSDeformableAttention, ValueProjOrder
+from spd.models.feedforward import FeedForward
+from spd.models.query_self_attn import QuerySelfAttention
+from spd.models.splat import SplatPlan
 
 
 class DecoderLayer(nn.Module):
     """Args:
-        kind: "msda" (deformable, multi-scale) or "global" (B3b, all L4 tokens).
+        cross_attention: `MSDeformableAttention` (local, multi-scale) or `GlobalCrossAttention`
+            (B3b, all L4 tokens); both are called as `(h, grid, memory, fast)`.
+        d_model: query width d.
+        n_heads: heads of the optional query self-attention.
+        ffn_dim: feed-forward hidden width.
         q2q_self_attn: v14 ablation; adds query self-attention between canvas and FFN.
 
     Shape:
-        forward: h (B, K, d), grid (B, K, 2), mask (B, K), canvas [3 maps], splat plans, plus
-        `values` (4 value maps from `MSDeformableAttention.value_maps`) for "msda" or `global_kv`
-        (keys, values) for "global"; `fast` selects the inference paths (no autograd)
-        -> (h (B, K, d), canvas).
+        forward: h (B, K, d), grid (B, K, 2) normalised, mask (B, K), canvas [3 maps], splat plans,
+        memory (what the cross-attention reads: MSDA's four value maps, or B3b's (keys, values));
+        `fast` selects the inference paths (no autograd) -> (h (B, K, d), canvas).
     """
 
     def __init__(
-        self,
-        kind: Literal["msda", "global"],
-        d_model: int,
-        n_heads: int,
-        ffn_dim: int,
-        level_dims: tuple[int, ...] = (),
-        projected_levels: tuple[int, ...] = (),
-        n_points: int = 4,
-        q2q_self_attn: bool = False,
-        value_proj_order: ValueProjOrder = "auto",
+        self, cross_attention: nn.Module, *, d_model: int, n_heads: int, ffn_dim: int, q2q_self_attn: bool = False
     ) -> None:
         super().__init__()
-        self.kind = kind
         self.norm_cross = nn.LayerNorm(d_model)
-        if kind == "msda":
-            self.cross = MSDeformableAttention(
-                d_model, n_heads, level_dims, n_points, projected_levels, value_proj_order
-            )
-        else:
-            self.cross = GlobalCrossAttention(d_model, n_heads)
+        self.cross = cross_attention
         self.norm_canvas = nn.LayerNorm(d_model)
         self.canvas = CanvasSublayer(d_model)
         self.norm_q2q = nn.LayerNorm(d_model) if q2q_self_attn else None
@@ -58,15 +45,11 @@ class DecoderLayer(nn.Module):
         grid: torch.Tensor,
         mask: torch.Tensor,
         canvas: list[torch.Tensor],
-        plans: list,
-        values: list[torch.Tensor] | None = None,
-        global_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        plans: list[SplatPlan],
+        memory,
         fast: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self.kind == "msda":
-            h = h + self.cross(self.norm_cross(h), grid, values, fast=fast)
-        else:
-            h = h + self.cross(self.norm_cross(h), *global_kv)
+        h = h + self.cross(self.norm_cross(h), grid, memory, fast=fast)
         read, canvas = self.canvas(self.norm_canvas(h), grid, plans, canvas, fast=fast)
         h = h + read
         if self.q2q is not None:

@@ -12,6 +12,8 @@ from timm.layers import GlobalResponseNormMlp
 from timm.models.convnext import ConvNeXtBlock, ConvNeXtStage
 from torch import nn
 
+from spd.models.encoder_weights import EncoderWeightsError, load_encoder_weights
+
 
 def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
     """timm's `ConvNeXtBlock.forward` (eval mode, GRN MLP, no drop path) with GRN folded into `fc2`.
@@ -65,33 +67,31 @@ class Encoder(nn.Module):
 
     Args:
         name: timm model name (``convnextv2_tiny`` for v15, ``convnextv2_atto`` for v15-tiny).
-        weights_file: local FCMAE / ImageNet weights for that timm model (.safetensors or .pth,
-            read by timm without unpickling code). None builds a random encoder and warns: a
+        weights_file: local FCMAE / ImageNet weights for that model (.safetensors, .pt or .pth; timm,
+            official ConvNeXt-V2 or FCMAE layout), loaded strictly (`encoder_weights.py`). None builds a random encoder and warns: a
             random encoder is fine for tests and the synthetic demo, never for NYU numbers.
     Shape:
-        forward: images (B, 3, H, W) normalised, H and W multiples of 32; `fast` runs the blocks
-        in eval mode through `convnextv2_block_folded` (exact; ~25 % faster on CPU), training mode
-        always runs timm's own forward (stochastic depth, checkpointing) ->
+        forward: images (B, 3, H, W) normalised, H and W multiples of 32; `folded` runs the blocks
+        through `convnextv2_block_folded` (exact in eval mode; ~25 % faster on CPU), otherwise
+        timm's own forward (stochastic depth, checkpointing) ->
         [(B, C1, H/4, W/4), (B, C2, H/8, W/8), (B, C3, H/16, W/16), (B, C4, H/32, W/32)].
     """
 
     def __init__(self, name: str, weights_file: str | None = None, warn_random: bool = True) -> None:
         super().__init__()
+        self.backbone = timm.create_model(name, pretrained=False, features_only=True)
+        self.weights_info: dict | None = None  # {"file", "sha256", "tensors"} once loaded from a file
         if weights_file is not None:
             path = Path(weights_file)
             if not path.is_file():
-                raise FileNotFoundError(f"encoder weights file not found: {path}")
-            self.backbone = timm.create_model(
-                name, pretrained=True, features_only=True, pretrained_cfg_overlay=dict(file=str(path))
+                raise EncoderWeightsError(f"encoder weights file not found: {path}")
+            self.weights_info = load_encoder_weights(self.backbone, path, name)
+        elif warn_random:
+            warnings.warn(
+                f"encoder {name} is randomly initialised (no encoder_weights file given): "
+                "fine for tests and the synthetic demo; pass FCMAE weights for real training",
+                stacklevel=2,
             )
-        else:
-            if warn_random:
-                warnings.warn(
-                    f"encoder {name} is randomly initialised (no encoder_weights file given): "
-                    "fine for tests and the synthetic demo; pass FCMAE weights for real training",
-                    stacklevel=2,
-                )
-            self.backbone = timm.create_model(name, pretrained=False, features_only=True)
         self.channels: tuple[int, ...] = tuple(self.backbone.feature_info.channels())
         self.strides: tuple[int, ...] = tuple(self.backbone.feature_info.reduction())
         if self.strides != (4, 8, 16, 32):
@@ -99,9 +99,10 @@ class Encoder(nn.Module):
         stages = [m for _, m in self.backbone.items() if isinstance(m, ConvNeXtStage)]
         self.foldable = bool(stages) and all(_supports_folding(b) for s in stages for b in s.blocks)
 
-    def forward(self, images: torch.Tensor, fast: bool = True) -> list[torch.Tensor]:
-        use_folded = fast and self.foldable and not self.training
-        return self.forward_folded(images) if use_folded else self.backbone(images)
+    def forward(self, images: torch.Tensor, folded: bool = False) -> list[torch.Tensor]:
+        """`folded` (inference only: the caller decides, see `SPD.inference_paths`) runs the blocks
+        through `convnextv2_block_folded` when every block supports it."""
+        return self.forward_folded(images) if folded and self.foldable else self.backbone(images)
 
     def forward_folded(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The same features as `self.backbone(images)` in eval mode, blocks run folded."""

@@ -1,4 +1,5 @@
-"""B3b: global cross-attention from each query to every L4 token (DESIGN.md §3)."""
+"""B3b: global cross-attention from each query to every L4 token (DESIGN.md §3), and the per-image
+pre-compute of its keys and values."""
 
 from __future__ import annotations
 
@@ -6,12 +7,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+KeyValues = tuple[torch.Tensor, torch.Tensor]  # keys, values: each (B, heads, N_L4, d_head)
 
-class GlobalCrossAttention(nn.Module):
-    """Q = Linear(d -> d)(h); K/V are the per-head L4 projections made once per image (PreCompute).
+
+class GlobalKeyValues(nn.Module):
+    """Once per image: every B3b layer's per-head keys and values of the L4 tokens.
+
+    Each layer's "6 x Linear(768 -> 32)" is one Linear(768 -> d) whose rows [32i, 32i+32) belong to
+    head i.
 
     Shape:
-        forward: h (B, K, d), keys/values (B, heads, N_L4, d_head) -> (B, K, d).
+        forward: l4 (B, C4, H/32, W/32) -> per B3b layer (keys, values), each (B, heads, N_L4, d/heads).
+    """
+
+    def __init__(self, l4_dim: int, d_model: int, n_heads: int, n_layers: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.global_k = nn.ModuleList(nn.Linear(l4_dim, d_model) for _ in range(n_layers))
+        self.global_v = nn.ModuleList(nn.Linear(l4_dim, d_model) for _ in range(n_layers))
+
+    def forward(self, l4: torch.Tensor) -> list[KeyValues]:
+        tokens = l4.flatten(2).transpose(1, 2)  # (B, N_L4, C4)
+        batch, num_tokens, _ = tokens.shape
+        per_head = lambda x: x.view(batch, num_tokens, self.n_heads, -1).transpose(1, 2)  # noqa: E731 - (B, heads, N, d_head)
+        return [(per_head(k(tokens)), per_head(v(tokens))) for k, v in zip(self.global_k, self.global_v)]
+
+
+class GlobalCrossAttention(nn.Module):
+    """Q = Linear(d -> d)(h); K/V are the per-head L4 projections made once per image (GlobalKeyValues).
+
+    Shares the decoder's cross-attention interface `(h, grid, memory, fast)` with
+    `MSDeformableAttention`; attending to every token, it needs neither the query positions nor a
+    fast path.
+
+    Shape:
+        forward: h (B, K, d), memory = (keys, values) each (B, heads, N_L4, d_head) -> (B, K, d).
     """
 
     def __init__(self, d_model: int, n_heads: int) -> None:
@@ -20,31 +50,9 @@ class GlobalCrossAttention(nn.Module):
         self.query_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, grid: torch.Tensor, memory: KeyValues, fast: bool = False) -> torch.Tensor:
+        keys, values = memory
         batch, num_queries, d_model = h.shape
         query = self.query_proj(h).view(batch, num_queries, self.n_heads, -1).transpose(1, 2)  # (B, H, K, dh)
         attended = F.scaled_dot_product_attention(query, keys, values)  # (B, H, K, dh)
         return self.output_proj(attended.transpose(1, 2).reshape(batch, num_queries, d_model))
-
-
-class QuerySelfAttention(nn.Module):
-    """v14-style query-to-query self-attention (ablation only); padded queries are never attended.
-
-    Shape:
-        forward: h (B, K, d), mask (B, K) True = real -> (B, K, d).
-    """
-
-    def __init__(self, d_model: int, n_heads: int) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d_model, n_heads, batch_first=True)
-
-    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out, _ = self.attn(h, h, h, key_padding_mask=~mask, need_weights=False)
-        return out
-
-
-class FeedForward(nn.Sequential):
-    """d -> 4d -> d with GELU."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))

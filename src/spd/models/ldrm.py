@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.models.geometry import bilinear_corners_at_cells, channels_last_rows, gather_windows, weighted_gather
+from spd.config import check_ldrm_patch
+from spd.geometry.coords import bilinear_corners_at_cells
+from spd.geometry.windows import gather_windows
+from spd.models.splat import channels_last_rows, weighted_gather
 
 L1_STRIDE = 4
 
@@ -38,8 +41,7 @@ class LocalRefinement(nn.Module):
 
     def __init__(self, in_dim: int, mid_dim: int, out_dim: int, patch: int = 7) -> None:
         super().__init__()
-        if patch < 5 or patch % 2 == 0:
-            raise ValueError(f"LDRM patch must be odd and >= 5 (the fast path needs 2 cells each side), got {patch}")
+        check_ldrm_patch(patch)
         self.patch = patch
         self.conv_mid = nn.Conv2d(in_dim, mid_dim, kernel_size=3, padding=1)
         self.conv_residual = nn.Conv2d(in_dim, mid_dim, kernel_size=1)
@@ -49,7 +51,7 @@ class LocalRefinement(nn.Module):
         """(c0, r0) of each query's patch in L1 cells. Shape: (B, K, 2) pixels -> (B, K, 2) long."""
         return torch.floor(queries / L1_STRIDE).long() - self.patch // 2
 
-    def gather_patches(self, l1: torch.Tensor, origin: torch.Tensor, size: int, offset: int = 0) -> torch.Tensor:
+    def gather_patch_cells(self, l1: torch.Tensor, origin: torch.Tensor, size: int, offset: int = 0) -> torch.Tensor:
         """`size` x `size` L1 cells starting at origin + offset, zeros outside the map.
 
         Shape: l1 (B, C, h, w), origin (B, K, 2) -> (B*K, C, size, size).
@@ -69,7 +71,7 @@ class LocalRefinement(nn.Module):
         origin = self.patch_origin(queries)
         offset_px = queries - (origin * L1_STRIDE).to(queries.dtype)  # (B, K, 2), in [4c, 4c+4)
         if return_patch or not fast:
-            patches = self.gather_patches(l1, origin, self.patch)
+            patches = self.gather_patch_cells(l1, origin, self.patch)
             feat = self.full_patch(patches)  # (B*K, D, 4P, 4P)
             local = self._sample(feat, offset_px)
             feat_patch = feat.view(batch, num_queries, *feat.shape[1:]) if return_patch else None

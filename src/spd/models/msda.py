@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.models.geometry import bilinear_corners_at_cells, channels_last_rows, weighted_gather
+from spd.geometry.coords import bilinear_corners_at_cells
+from spd.models.splat import channels_last_rows, weighted_gather
 
 ValueProjOrder = Literal["auto", "project_first", "sample_first"]
 

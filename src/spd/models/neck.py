@@ -1,4 +1,4 @@
-"""Projection neck and the once-per-image pre-compute (DESIGN.md §3)."""
+"""Projection neck and the once-per-image projections of L3/L4 for canvas and seed (DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -73,35 +73,18 @@ class L4SelfAttention(nn.Module):
         return self.layers(tokens).transpose(1, 2).reshape(batch, channels, height, width)
 
 
-class PreCompute(nn.Module):
-    """Once per image: proj_L3 / proj_L4 to d (canvas init and seed only) and B3b per-head K/V.
-
-    Each B3b layer's "6 x Linear(768 -> 32)" is one Linear(768 -> d) whose rows [32i, 32i+32)
-    belong to head i.
+class CoarseProjection(nn.Module):
+    """Once per image: L3 and L4 projected to d, the canvas's initial L3/L4 maps and the seed's reads.
 
     Shape:
-        forward: l3 (B, C3, H/16, W/16), l4 (B, C4, H/32, W/32) ->
-        proj_l3 (B, d, H/16, W/16), proj_l4 (B, d, H/32, W/32),
-        global_kv: per B3b layer (keys, values), each (B, heads, N_L4, d/heads).
+        forward: l3 (B, C3, H/16, W/16), l4 (B, C4, H/32, W/32) -> proj_l3 (B, d, H/16, W/16),
+        proj_l4 (B, d, H/32, W/32).
     """
 
-    def __init__(self, l3_dim: int, l4_dim: int, d_model: int, n_heads: int, n_global_layers: int) -> None:
+    def __init__(self, l3_dim: int, l4_dim: int, d_model: int) -> None:
         super().__init__()
-        self.n_heads = n_heads
         self.proj_l3 = nn.Conv2d(l3_dim, d_model, kernel_size=1)  # = Linear(384 -> 192) per pixel
         self.proj_l4 = nn.Conv2d(l4_dim, d_model, kernel_size=1)
-        self.global_k = nn.ModuleList(nn.Linear(l4_dim, d_model) for _ in range(n_global_layers))
-        self.global_v = nn.ModuleList(nn.Linear(l4_dim, d_model) for _ in range(n_global_layers))
 
-    def forward(
-        self, l3: torch.Tensor, l4: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        tokens = l4.flatten(2).transpose(1, 2)  # (B, N_L4, C4)
-        batch, num_tokens, _ = tokens.shape
-        global_kv = []
-        for key_proj, value_proj in zip(self.global_k, self.global_v):
-            # (B, N, d) -> (B, heads, N, d_head)
-            keys = key_proj(tokens).view(batch, num_tokens, self.n_heads, -1).transpose(1, 2)
-            values = value_proj(tokens).view(batch, num_tokens, self.n_heads, -1).transpose(1, 2)
-            global_kv.append((keys, values))
-        return self.proj_l3(l3), self.proj_l4(l4), global_kv
+    def forward(self, l3: torch.Tensor, l4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj_l3(l3), self.proj_l4(l4)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from spd.models.geometry import SplatPlan, sample_at
+from spd.models.splat import SplatPlan, sample_at
 
 
 def fourier_encoding(positions: torch.Tensor, num_freqs: int) -> torch.Tensor:

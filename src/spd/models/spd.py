@@ -1,54 +1,36 @@
-"""The SPD model: `encode(images)` once, then `decode(features, queries)` any number of times."""
+"""The SPD model: `encode(images)` once, then `decode(features, queries)` any number of times; and
+its model folders (`save_model` / `load_model`, the one door every loader goes through)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from pathlib import Path
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from spd.config import ModelConfig
+from spd.geometry.coords import pad_image, pixel_to_grid
+from spd.geometry.validation import validate_queries
 from spd.models.decoder import DecoderLayer
 from spd.models.encoder import Encoder
-from spd.models.geometry import make_splat_plan, pad_image, pixel_to_grid, validate_queries
+from spd.models.features import EncodedFeatures
+from spd.models.folder import (
+    CONFIG_FILE, MODEL_FILE, CheckpointError, check_state_matches, read_config_dict, read_weights, resolve_model_folder,
+    write_model_folder,
+)
+from spd.models.global_attn import GlobalCrossAttention, GlobalKeyValues
 from spd.models.heads import CanvasHead, DepthHead, PatchDenseHead
 from spd.models.ldrm import LocalRefinement
-from spd.models.neck import L4SelfAttention, Neck, PreCompute
+from spd.models.msda import MSDeformableAttention
+from spd.models.neck import CoarseProjection, L4SelfAttention, Neck
 from spd.models.optim_groups import encoder_decoder_param_groups
+from spd.models.paths import InferencePaths
 from spd.models.seed import QuerySeed
+from spd.models.splat import make_splat_plan
 
-
-@dataclass
-class EncodedFeatures:
-    """Everything `decode` needs, computed once per image batch by `encode`.
-
-    Shapes (H, W = padded image size); l1, l2, proj_l3, proj_l4 and the value maps in channels-last
-    memory (one row per cell):
-        l1 (B, d, H/4, W/4), l2 (B, d, H/8, W/8), l3 (B, C3, H/16, W/16), l4 (B, C4, H/32, W/32),
-        proj_l3 (B, d, H/16, W/16), proj_l4 (B, d, H/32, W/32),
-        msda_values: per MSDA layer its four value maps (`MSDeformableAttention.value_maps`),
-        global_kv: per B3b layer (keys, values) each (B, heads, N_L4, d_head).
-        image_size: (H, W) of the image as given (before padding), in pixels.
-    """
-
-    l1: torch.Tensor
-    l2: torch.Tensor
-    l3: torch.Tensor
-    l4: torch.Tensor
-    proj_l3: torch.Tensor
-    proj_l4: torch.Tensor
-    msda_values: list[list[torch.Tensor]]
-    global_kv: list[tuple[torch.Tensor, torch.Tensor]]
-    image_size: tuple[int, int]
-
-    @property
-    def batch_size(self) -> int:
-        return self.l1.shape[0]
-
-    @property
-    def padded_size(self) -> tuple[int, int]:
-        return self.l1.shape[-2] * 4, self.l1.shape[-1] * 4
+MODEL_TYPE = "spd"  # config.json's model_type of an SPD folder
 
 
 class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-estimation", "sparse-depth"]):
@@ -63,30 +45,32 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         mask (B, K) bool (True = real query) -> depth (B, K) in metres; padded entries are 0.
     """
 
+    TRAINING_ONLY_MODULES = ("canvas_head", "patch_head")
+
     def __init__(self, config: ModelConfig, warn_random_encoder: bool = True) -> None:
         super().__init__()
-        self.config = config
-        cfg = config
+        self.config = cfg = config
         self.encoder = Encoder(cfg.encoder_name, cfg.encoder_weights, warn_random=warn_random_encoder)
         self.neck = Neck(self.encoder.channels, cfg.d_model, cfg.l3_dim, cfg.global_projection)
         level_dims = self.neck.out_dims
         self.l4_self_attn = (
             L4SelfAttention(level_dims[3], cfg.l4_self_attn_layers, cfg.n_heads) if cfg.l4_self_attn_layers else None
         )
-        self.precompute = PreCompute(level_dims[2], level_dims[3], cfg.d_model, cfg.n_heads, cfg.n_global_layers)
+        self.coarse_proj = CoarseProjection(level_dims[2], level_dims[3], cfg.d_model)
+        self.global_kv = GlobalKeyValues(level_dims[3], cfg.d_model, cfg.n_heads, cfg.n_global_layers)
         self.seed = QuerySeed(cfg.d_model, cfg.fourier_freqs)
         # L3/L4 get per-head value projections unless the neck already made them d-wide (v14 style).
         projected = () if cfg.global_projection else (2, 3)
+        layer_args = dict(d_model=cfg.d_model, n_heads=cfg.n_heads, ffn_dim=cfg.ffn_dim, q2q_self_attn=cfg.q2q_self_attn)
         self.msda_layers = nn.ModuleList(
             DecoderLayer(
-                "msda", cfg.d_model, cfg.n_heads, cfg.ffn_dim, level_dims, projected, cfg.n_points,
-                cfg.q2q_self_attn, cfg.value_proj_order,
+                MSDeformableAttention(cfg.d_model, cfg.n_heads, level_dims, cfg.n_points, projected, cfg.value_proj_order),
+                **layer_args,
             )
             for _ in range(cfg.n_msda_layers)
         )
         self.global_layers = nn.ModuleList(
-            DecoderLayer("global", cfg.d_model, cfg.n_heads, cfg.ffn_dim, q2q_self_attn=cfg.q2q_self_attn)
-            for _ in range(cfg.n_global_layers)
+            DecoderLayer(GlobalCrossAttention(cfg.d_model, cfg.n_heads), **layer_args) for _ in range(cfg.n_global_layers)
         )
         self.ldrm = (
             LocalRefinement(cfg.d_model, cfg.ldrm_mid_dim, cfg.ldrm_out_dim, cfg.ldrm_patch) if cfg.use_ldrm else None
@@ -97,24 +81,37 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         self.canvas_head = CanvasHead(cfg.d_model, cfg.canvas_head_dim)
         self.patch_head = PatchDenseHead(cfg.d_model, cfg.ldrm_out_dim) if cfg.use_ldrm else None
 
-    TRAINING_ONLY_MODULES = ("canvas_head", "patch_head")
-
     # ------------------------------------------------------------------------------------------
-    def encode(self, images: torch.Tensor) -> EncodedFeatures:
+    def inference_paths(self, requested: InferencePaths | None = None) -> InferencePaths:
+        """The one decision of fast vs reference paths. Inference (eval mode, no autograd) takes the
+        config's fast paths, or `requested` when given; anything else runs the reference paths, and
+        asking for a fast path there is an error (they are exact only without autograd / in eval)."""
+        inference = not self.training and not torch.is_grad_enabled()
+        if requested is not None:
+            if requested.any and not inference:
+                raise ValueError("fast inference paths need eval mode and torch.no_grad() / torch.inference_mode()")
+            return requested
+        if not inference:
+            return InferencePaths.reference()
+        cfg = self.config
+        return InferencePaths(encoder=cfg.encoder_fast, decoder=cfg.decoder_fast, ldrm=cfg.ldrm_fast)
+
+    def encode(self, images: torch.Tensor, paths: InferencePaths | None = None) -> EncodedFeatures:
         """Runs the encoder, neck and everything else that depends on the image only, once.
 
-        images: (B, 3, H, W) normalised, any H, W.
+        images: (B, 3, H, W) normalised, any H, W. `paths`: see `inference_paths`.
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W); got {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ValueError(f"images must be normalised floating-point tensors; got {images.dtype}")
+        paths = self.inference_paths(paths)
         image_size = (images.shape[-2], images.shape[-1])
-        levels = self.neck(self.encoder(pad_image(images), fast=self.config.encoder_fast))
-        l1, l2, l3, l4 = levels
+        l1, l2, l3, l4 = self.neck(self.encoder(pad_image(images), folded=paths.encoder))
         if self.l4_self_attn is not None:
             l4 = self.l4_self_attn(l4)
-        proj_l3, proj_l4, global_kv = self.precompute(l3, l4)
+        proj_l3, proj_l4 = self.coarse_proj(l3, l4)
+        global_kv = self.global_kv(l4)
         # The maps decode reads by rows (seed, canvas, LDRM) in channels-last memory, once here.
         l1, l2, proj_l3, proj_l4 = (m.contiguous(memory_format=torch.channels_last) for m in (l1, l2, proj_l3, proj_l4))
         msda_values = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
@@ -126,6 +123,8 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         queries: torch.Tensor,
         mask: torch.Tensor | None = None,
         return_aux: bool = False,
+        paths: InferencePaths | None = None,
+        check_values: bool = True,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Depth at the queries. queries (B, K, 2) pixel (u, v); mask (B, K) True = real query.
 
@@ -134,48 +133,49 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         whose pixel (j, i) lies on image pixel (4*c0 + i, 4*r0 + j) (see `ldrm_patch_origin`).
 
         Queries meet through the canvas, so a query's depth depends (slightly) on which other
-        queries share the call; padded queries never influence real ones.
+        queries share the call; padded queries never influence real ones. `paths`: see
+        `inference_paths`; `check_values=False` skips the NaN / outside checks, which sync with
+        the device (for callers that validated already, e.g. the training loop).
         """
-        mask = validate_queries(queries, features.image_size, mask, features.batch_size)
-        batch, num_queries, _ = queries.shape
-        if num_queries == 0 and not return_aux:
-            return queries.new_zeros(batch, 0)
+        mask = validate_queries(queries, features.image_size, mask, features.batch_size, check_values)
+        if queries.shape[1] == 0 and not return_aux:
+            return queries.new_zeros(queries.shape[0], 0)
+        fast = self.inference_paths(paths)
         # Padded queries may hold anything (NaN too); park them at pixel 0 so nothing propagates.
         queries = torch.where(mask.unsqueeze(-1), queries, torch.zeros_like(queries))
+        h, canvas = self._decode_layers(features, queries, mask, fast.decoder)
+        head_input, feat_patch = h, None
+        if self.ldrm is not None:
+            local, feat_patch = self.ldrm(features.l1, queries, return_patch=return_aux, fast=fast.ldrm)
+            head_input = torch.cat([h, local], dim=-1)
+        depth = self.head(head_input) * mask  # padded entries are 0
+        if not return_aux:
+            return depth
+        height, width = features.image_size
+        out = {"depth": depth, "canvas_depth": self.canvas_head(canvas[0])[..., : -(-height // 4), : -(-width // 4)]}
+        if self.ldrm is not None:
+            out["ldrm_patch_depth"] = self.patch_head(h, feat_patch)
+        return out
+
+    def _decode_layers(
+        self, features: EncodedFeatures, queries: torch.Tensor, mask: torch.Tensor, fast: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Seed, then the MSDA and B3b layers over the shared canvas -> (h (B, K, d), final canvas)."""
         grid = pixel_to_grid(queries, features.padded_size)
         height, width = features.image_size
         positions = (queries + 0.5) / queries.new_tensor([width, height])  # (B, K, 2) in [0, 1]
-
-        # Inference (no autograd) takes the fast paths: gathers instead of grid_sample, canvas
-        # updated in place. Training keeps the reference paths; tests hold the two equal.
-        fast = self.config.decoder_fast and not torch.is_grad_enabled()
         seed_maps = [features.l1, features.l2, features.proj_l3, features.proj_l4]
         # The queries do not move: their bilinear corners on each level are computed once per call.
         # Plans for L2/L3/L4 serve the canvas; the one for L1 only the gather-reading seed.
         plans = [make_splat_plan(grid, mask, tuple(level.shape[-2:])) for level in seed_maps]
         h = self.seed(seed_maps, grid, positions, plans if fast else None)
-        canvas_plans = plans[1:]
         # The canvas starts from the encoder's maps every call; the fast path writes in place, so it
         # gets its own copy. Channels-last memory: depthwise convs and row gathers are fast that way.
         canvas = [m.clone() if fast else m for m in seed_maps[1:]]
-        for layer, values in zip(self.msda_layers, features.msda_values):
-            h, canvas = layer(h, grid, mask, canvas, canvas_plans, values=values, fast=fast)
-        for layer, global_kv in zip(self.global_layers, features.global_kv):
-            h, canvas = layer(h, grid, mask, canvas, canvas_plans, global_kv=global_kv, fast=fast)
-
-        head_input, feat_patch = h, None
-        if self.ldrm is not None:
-            local, feat_patch = self.ldrm(features.l1, queries, return_patch=return_aux, fast=self.config.ldrm_fast)
-            head_input = torch.cat([h, local], dim=-1)
-        depth = self.head(head_input) * mask  # padded entries are 0
-        if not return_aux:
-            return depth
-        out = {"depth": depth}
-        canvas_depth = self.canvas_head(canvas[0])
-        out["canvas_depth"] = canvas_depth[..., : -(-height // 4), : -(-width // 4)]
-        if self.ldrm is not None:
-            out["ldrm_patch_depth"] = self.patch_head(h, feat_patch)
-        return out
+        memories = [*features.msda_values, *features.global_kv]
+        for layer, memory in zip([*self.msda_layers, *self.global_layers], memories, strict=True):
+            h, canvas = layer(h, grid, mask, canvas, plans[1:], memory, fast=fast)
+        return h, canvas
 
     def forward(
         self,
@@ -183,8 +183,10 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         queries: torch.Tensor,
         mask: torch.Tensor | None = None,
         return_aux: bool = False,
+        paths: InferencePaths | None = None,
+        check_values: bool = True,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        return self.decode(self.encode(images), queries, mask, return_aux)
+        return self.decode(self.encode(images, paths), queries, mask, return_aux, paths, check_values)
 
     def ldrm_patch_origin(self, queries: torch.Tensor) -> torch.Tensor:
         """Top-left image pixel (x, y) of each query's LDRM patch. (B, K, 2) -> (B, K, 2) long."""
@@ -192,20 +194,54 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
             raise ValueError("this model has no LDRM (use_ldrm=False)")
         return self.ldrm.patch_origin(queries) * 4
 
-    # --- huggingface_hub mixin: `save_pretrained` / `from_pretrained` use our strict loader ------
-    def _save_pretrained(self, save_directory) -> None:
-        from spd.engine.checkpoint import save_model
-
-        save_model(self, save_directory)
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", **kwargs) -> "SPD":
-        from spd.engine.checkpoint import load_model
-
-        return load_model(model_id, map_location)
-
-    # ------------------------------------------------------------------------------------------
     def param_groups(self, lr: float, encoder_lr_scale: float = 0.1, weight_decay: float = 0.01) -> list[dict]:
         """AdamW groups: the encoder at `encoder_lr_scale` x LR (DESIGN §4: 1e-5 vs 1e-4), the rest
         at LR, no decay on norms/biases/scalars (see `encoder_decoder_param_groups`)."""
         return encoder_decoder_param_groups(self, self.encoder, lr, encoder_lr_scale, weight_decay)
+
+    # --- huggingface_hub mixin: `save_pretrained` / `from_pretrained` go through the one door -----
+    def _save_pretrained(self, save_directory) -> None:
+        save_model(self, save_directory)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", **kwargs) -> "SPD":
+        return load_model(model_id, map_location)
+
+
+# --- model folders ---------------------------------------------------------------------------------
+def save_model(model: SPD, folder: str | Path) -> Path:
+    """Writes `config.json` + `model.safetensors` (the Hugging Face layout), each file atomically."""
+    config = model.config.to_dict()
+    config["encoder_weights"] = None  # the weights now live in model.safetensors
+    return write_model_folder(folder, model.state_dict(), config, MODEL_TYPE)
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    """The `ModelConfig` of an SPD model folder; CheckpointError for any other folder."""
+    data = read_config_dict(folder)
+    model_type = data.pop("model_type", MODEL_TYPE)
+    if model_type != MODEL_TYPE:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: holds a {model_type!r} model, not SPD (for the baseline use baseline:FOLDER)")
+    data["encoder_weights"] = None
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: not an SPD model config ({err})") from err
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> SPD:
+    """Loads an SPD model folder (or a Hugging Face Hub id) in eval mode: the one loader behind
+    `spd.load_model`, `SPD.from_pretrained`, `Predictor.from_pretrained` and the CLI.
+
+    Strict: every tensor must be present with the right shape; a truncated or tampered file
+    raises CheckpointError naming the file and the problem.
+    """
+    folder = resolve_model_folder(path)
+    config = read_model_config(folder)
+    state = read_weights(folder / MODEL_FILE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random-encoder warning: the weights come next
+        model = SPD(config, warn_random_encoder=False)
+    check_state_matches(state, model.state_dict(), folder / MODEL_FILE)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

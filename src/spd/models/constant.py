@@ -1,4 +1,4 @@
-"""Reference predictors with the same encode/decode interface as SPD: what a trained model must beat."""
+"""A constant-depth predictor with the same encode/decode interface as SPD: the floor a trained model must beat."""
 
 from __future__ import annotations
 

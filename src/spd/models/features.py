@@ -1,0 +1,39 @@
+"""What `SPD.encode` computes once per image batch and every `decode` call reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EncodedFeatures:
+    """Everything `decode` needs, computed once per image batch by `encode`.
+
+    Shapes (H, W = padded image size); l1, l2, proj_l3, proj_l4 and the value maps in channels-last
+    memory (one row per cell):
+        l1 (B, d, H/4, W/4), l2 (B, d, H/8, W/8), l3 (B, C3, H/16, W/16), l4 (B, C4, H/32, W/32),
+        proj_l3 (B, d, H/16, W/16), proj_l4 (B, d, H/32, W/32),
+        msda_values: per MSDA layer its four value maps (`MSDeformableAttention.value_maps`),
+        global_kv: per B3b layer (keys, values) each (B, heads, N_L4, d_head).
+        image_size: (H, W) of the image as given (before padding), in pixels.
+    """
+
+    l1: torch.Tensor
+    l2: torch.Tensor
+    l3: torch.Tensor
+    l4: torch.Tensor
+    proj_l3: torch.Tensor
+    proj_l4: torch.Tensor
+    msda_values: list[list[torch.Tensor]]
+    global_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    image_size: tuple[int, int]
+
+    @property
+    def batch_size(self) -> int:
+        return self.l1.shape[0]
+
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        return self.l1.shape[-2] * 4, self.l1.shape[-1] * 4

@@ -39,3 +39,18 @@ def test_cheap_readme_commands_run_as_written(tmp_path):
         ran.append(args[0])
     assert {"params", "synth", "data", "train", "eval", "predict"} <= set(ran)
     assert (tmp_path / "overlay.png").is_file()
+
+
+def test_python_blocks_run_as_written(tmp_path):
+    """Every ```python block of the README, in order, in one namespace, with a real NYU frame as the
+    `room.jpg` the snippet names."""
+    import shutil
+
+    shutil.copy(ROOT / "tests" / "fixtures" / "nyu_real" / "sync" / "rgb_00000.jpg", tmp_path / "room.jpg")
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks
+    script = tmp_path / "readme_blocks.py"
+    script.write_text("\n".join(blocks) + "\nprint('depth', depth.shape, 'depth_m', depth_m.shape, 'xyz', xyz.shape)\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "depth torch.Size([1, 2]) depth_m (2,) xyz (1, 3)" in result.stdout

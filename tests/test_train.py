@@ -247,7 +247,7 @@ def test_baseline_trains_resumes_and_checkpoints_as_a_hugging_face_folder(tmp_pa
     assert load_training_state(last)["progress"]["step"] == 3
     evaluated = subprocess.run(
         [sys.executable, "-m", "spd.cli", "eval", "--model", f"baseline:{last}",
-         "--data-root", str(synth_root / "official_splits" / "test"),
+         "--data-root", str(synth_root),
          "--protocol", "sparse", "--crop", "none", "--limit", "2"],
         env=env, check=True, capture_output=True, text=True, timeout=600,
     )

@@ -11,6 +11,7 @@ import statistics
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -87,6 +88,83 @@ def companion_sensitivity(model, features, height: int, width: int, device: torc
     return {"alone_vs_256": rel(alone), "in_16_vs_256": rel(in_16)}
 
 
+@dataclass
+class BenchSetup:
+    """Both models on one device, one input, and the callables the timings run (eager or compiled)."""
+
+    device: torch.device
+    spd_model: torch.nn.Module
+    baseline: torch.nn.Module
+    image: torch.Tensor
+    queries: dict[int, torch.Tensor]
+    encode: object
+    decode: object
+    base_encode: object
+
+
+def build_setup(height: int, width: int, ks: tuple[int, ...], device: str, compile: bool, baseline_input: str,
+                channels_last: bool) -> BenchSetup:
+    dev = torch.device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        spd_model = build_model("v15", warn_random_encoder=False).to(dev).eval()
+        baseline = DepthAnythingBaseline(input_mode=baseline_input).to(dev).eval()
+    image = torch.randn(1, 3, height, width, device=dev)
+    if channels_last:
+        spd_model.encoder.to(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=torch.channels_last)
+    scale = torch.tensor([width - 1.0, height - 1.0])
+    queries = {k: (torch.rand(1, k, 2, generator=torch.Generator().manual_seed(k)) * scale).to(dev) for k in ks}
+    encode, base_encode = spd_model.encode, baseline.encode
+    if compile:
+        # Both encoders (the dense, fixed-shape part of each model) are compiled. SPD's decoder
+        # stays eager: compiled for a fixed K = 256 it measured 36 vs 37 ms eager after 35 s of
+        # compiling, and slower than eager with dynamic K.
+        encode = torch.compile(spd_model.encode)
+        base_encode = torch.compile(baseline.encode)
+    return BenchSetup(dev, spd_model, baseline, image, queries, encode, spd_model.decode, base_encode)
+
+
+def time_models(s: BenchSetup, ks: tuple[int, ...], repeat: int) -> dict:
+    """Encode, decode(K) and total(K) medians for SPD, the baseline's total, and paired ratios."""
+    result: dict = {"spd": {"decode_ms": {}, "total_ms": {}}, "baseline": {}, "ratio_total": {}, "ratio_decode_encode": {}}
+    features = s.encode(s.image)
+    result["spd"]["encode_ms"] = median_ms(lambda: s.encode(s.image), repeat, s.device)
+    base_total = lambda: s.baseline.decode(s.base_encode(s.image), s.queries[ks[-1]])  # noqa: E731
+    base_total()
+    result["baseline"]["total_ms"] = median_ms(base_total, repeat, s.device)
+    for k in ks:
+        result["spd"]["decode_ms"][str(k)] = median_ms(lambda: s.decode(features, s.queries[k]), repeat, s.device)
+        # Totals are timed in alternation with the baseline and the ratios are medians of paired
+        # ratios (SPD/baseline, and decode/encode within one SPD call): a shared 2-core machine
+        # drifts by 10 % between minutes, which unpaired medians would turn into ratio noise.
+        split_spd(s.encode, s.decode, s.image, s.queries[k], s.device)  # warm-up
+        runs = [(*split_spd(s.encode, s.decode, s.image, s.queries[k], s.device), median_ms(base_total, 1, s.device, warmup=0))
+                for _ in range(repeat)]
+        result["spd"]["total_ms"][str(k)] = statistics.median(e + d for e, d, _ in runs)
+        result["ratio_total"][str(k)] = statistics.median((e + d) / b for e, d, b in runs)
+        result["ratio_decode_encode"][str(k)] = statistics.median(d / e for e, d, _ in runs)
+    return result
+
+
+def macs_summary(s: BenchSetup, ks: tuple[int, ...], k_ref: int) -> tuple[dict, dict]:
+    """Decode MACs per K, and per query = the slope of decode MACs in K (what one more query costs);
+    the per-call part (the canvas convolutions) is the intercept. Both are reported."""
+    features = s.spd_model.encode(s.image)
+    decode_macs = {str(k): count_macs(lambda: s.spd_model.decode(features, s.queries[k])) for k in ks}
+    k_lo, k_hi = (k_ref, max(ks)) if max(ks) > k_ref else (min(ks), k_ref)
+    macs_lo, macs_hi = decode_macs[str(k_lo)], decode_macs[str(k_hi)]
+    slope = (macs_hi - macs_lo) / (k_hi - k_lo) if k_hi > k_lo else macs_hi / k_hi
+    return decode_macs, {
+        "encode": count_macs(lambda: s.spd_model.encode(s.image)),
+        "decode_per_query": slope,
+        "decode_per_call": macs_lo - slope * k_lo if k_hi > k_lo else None,  # needs two K values
+        "decode_amortised_per_query_at_256": decode_macs[str(k_ref)] / k_ref,
+        "baseline": count_macs(lambda: s.baseline.encode(s.image)),
+    }
+
+
 def run_bench(
     height: int = 480,
     width: int = 640,
@@ -98,72 +176,18 @@ def run_bench(
     baseline_input: str = "fair",
     channels_last: bool = False,
 ) -> dict:
-    dev = torch.device(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        spd_model = build_model("v15", warn_random_encoder=False).to(dev).eval()
-        baseline = DepthAnythingBaseline(input_mode=baseline_input).to(dev).eval()
-    if channels_last:
-        spd_model.encoder.to(memory_format=torch.channels_last)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-    image = torch.randn(1, 3, height, width, device=dev)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    scale = torch.tensor([width - 1.0, height - 1.0])
-    queries = {k: (torch.rand(1, k, 2, generator=torch.Generator().manual_seed(k)) * scale).to(dev) for k in ks}
-
-    encode, decode, base_encode = spd_model.encode, spd_model.decode, baseline.encode
-    if compile:
-        # Both encoders (the dense, fixed-shape part of each model) are compiled. SPD's decoder
-        # stays eager: compiled for a fixed K = 256 it measured 36 vs 37 ms eager after 35 s of
-        # compiling, and slower than eager with dynamic K.
-        encode = torch.compile(spd_model.encode)
-        base_encode = torch.compile(baseline.encode)
+    s = build_setup(height, width, ks, device, compile, baseline_input, channels_last)
+    dev = s.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-
-    result: dict = {"spd": {"decode_ms": {}, "total_ms": {}, "decode_macs": {}}, "baseline": {}, "ratio_total": {},
-                    "ratio_decode_encode": {}, "fast_paths": {}}
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    k_ref = 256 if 256 in ks else ks[-1]
     with torch.inference_mode(), autocast:
-        features = encode(image)
-        result["spd"]["encode_ms"] = median_ms(lambda: encode(image), repeat, dev)
-        base_total = lambda: baseline.decode(base_encode(image), queries[ks[-1]])  # noqa: E731
-        base_total()
-        result["baseline"]["total_ms"] = median_ms(base_total, repeat, dev)
+        result = time_models(s, ks, repeat)
         result["baseline"]["input_size"] = list(baseline_input_size(height, width, baseline_input))
-        for k in ks:
-            result["spd"]["decode_ms"][str(k)] = median_ms(lambda: decode(features, queries[k]), repeat, dev)
-            # Totals are timed in alternation with the baseline and the ratios are medians of paired
-            # ratios (SPD/baseline, and decode/encode within one SPD call): a shared 2-core machine
-            # drifts by 10 % between minutes, which unpaired medians would turn into ratio noise.
-            split_spd(encode, decode, image, queries[k], dev)  # warm-up
-            runs = [(*split_spd(encode, decode, image, queries[k], dev), median_ms(base_total, 1, dev, warmup=0))
-                    for _ in range(repeat)]
-            result["spd"]["total_ms"][str(k)] = statistics.median(e + d for e, d, _ in runs)
-            result["ratio_total"][str(k)] = statistics.median((e + d) / b for e, d, b in runs)
-            result["ratio_decode_encode"][str(k)] = statistics.median(d / e for e, d, _ in runs)
-        k_ref = 256 if 256 in ks else ks[-1]
-        if not compile:
-            result["fast_paths"] = measure_fast_paths(spd_model, image, queries[k_ref], k_ref, repeat, dev)
-        macs_encode = count_macs(lambda: spd_model.encode(image))
-        for k in ks:
-            result["spd"]["decode_macs"][str(k)] = count_macs(lambda: spd_model.decode(features, queries[k]))
-        macs_base = count_macs(lambda: baseline.encode(image))
-        result["companions"] = companion_sensitivity(spd_model, features, height, width, dev)
-
-    # Per query = the slope of decode MACs in K (what one more query costs); the per-call part
-    # (the canvas convolutions) is the intercept. Both are reported.
-    k_lo, k_hi = (k_ref, max(ks)) if max(ks) > k_ref else (min(ks), k_ref)
-    macs_lo, macs_hi = result["spd"]["decode_macs"][str(k_lo)], result["spd"]["decode_macs"][str(k_hi)]
-    slope = (macs_hi - macs_lo) / (k_hi - k_lo) if k_hi > k_lo else macs_hi / k_hi
-    result["macs"] = {
-        "encode": macs_encode,
-        "decode_per_query": slope,
-        "decode_per_call": macs_lo - slope * k_lo if k_hi > k_lo else None,  # needs two K values
-        "decode_amortised_per_query_at_256": result["spd"]["decode_macs"][str(k_ref)] / k_ref,
-        "baseline": macs_base,
-    }
+        result["fast_paths"] = {} if compile else measure_fast_paths(s.spd_model, s.image, s.queries[k_ref], k_ref, repeat, dev)
+        result["spd"]["decode_macs"], result["macs"] = macs_summary(s, ks, k_ref)
+        result["companions"] = companion_sensitivity(s.spd_model, s.spd_model.encode(s.image), height, width, dev)
     slower = [k for k in ks if result["ratio_total"][str(k)] >= 1.0]
     result["break_even_k"] = slower[0] if slower else None
     result["peak_memory_mb"] = (

@@ -73,16 +73,14 @@ def _load_any_model(spec: str, device: str):
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from spd.data import NYU_TEST_LIST, NYUDepth
+    from spd.data import NYUDepth, resolve_split_list
     from spd.engine.evaluate import evaluate
     from spd.metrics import format_metrics
 
     root = Path(args.data_root)
-    filelist = Path(args.filelist) if args.filelist else (root.parent.parent / "test_files.txt")
-    if not args.filelist and not filelist.is_file():
-        filelist = Path(str(NYU_TEST_LIST))
+    filelist = resolve_split_list(root, args.filelist, "test")
     model = _load_any_model(args.model, args.device)
-    dataset = NYUDepth(root, filelist, split="test", num_queries=args.k if args.protocol == "sparse" else None,
+    dataset = NYUDepth(root / args.test_dir, filelist, split="test", num_queries=args.k if args.protocol == "sparse" else None,
                        seed=args.seed, eval_crop=args.crop, min_depth=args.min_depth, max_depth=args.max_depth)
     metrics, acc = evaluate(model, dataset, args.protocol, args.k, args.chunk, args.crop, args.seed,
                             args.min_depth, args.max_depth, args.device, limit=args.limit)
@@ -212,10 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model on NYU-layout data (sparse or dense protocol)")
     p.add_argument("--model", required=True,
                    help="model folder or Hub id; also median:<metres> or baseline:<folder|random>")
-    p.add_argument("--data-root", required=True, help="folder the list's paths are relative to (e.g. nyu/official_splits/test)")
+    p.add_argument("--data-root", required=True,
+                   help="dataset root, as for `spd train`: NYU's BTS layout or `spd synth` output")
+    p.add_argument("--test-dir", default="official_splits/test",
+                   help="test images under the root; the list's paths are relative to it (default official_splits/test)")
     p.add_argument("--filelist", default=None,
-                   help="split list (default: <root>/../../test_files.txt as `spd synth` writes it, "
-                        "else the bundled Eigen test list)")
+                   help="split list (default: <root>/test_files.txt as `spd synth` writes it, else the bundled Eigen test list)")
     p.add_argument("--protocol", choices=["sparse", "dense"], default="sparse",
                    help="sparse: K fixed-seed points per image; dense: every valid pixel of the crop (default sparse)")
     p.add_argument("--k", type=int, default=256, help="points per image for the sparse protocol (default 256)")

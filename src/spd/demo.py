@@ -69,7 +69,20 @@ def run_demo(
     rows["median"], _ = evaluate(ConstantDepth(median_m), test_set, "sparse", crop="none", progress=False)
     timings["eval_s"] = time.perf_counter() - start
 
-    # Predicted vs true at every evaluation point, and the predictor on a held-out image.
+    _figures(out, model, test_set, rows, run_dir, timings)
+    ratio = rows["model"]["abs_rel"] / rows["median"]["abs_rel"]
+    result = {"model": rows["model"], "median": rows["median"], "median_depth_m": median_m,
+              "abs_rel_ratio_model_over_median": ratio, "timings_s": timings, "steps": cfg.max_steps,
+              "data": {"train": n_train, "test": n_test, "size": list(size)}}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / "report.md").write_text(_report(result, rows, out, run_dir, data))
+    print(format_metrics(rows))
+    print(f"model abs_rel / median abs_rel = {ratio:.2f}; outputs in {out}/")
+    return result
+
+
+def _figures(out: Path, model, test_set: NYUDepth, rows: dict, run_dir: Path, timings: dict) -> None:
+    """Predicted vs true at every evaluation point, the predictor on a held-out image, the curves."""
     predictor = Predictor(model)
     preds, truths = [], []
     for index in range(len(test_set)):
@@ -87,16 +100,6 @@ def run_demo(
     save_scatter(out / "scatter.png", np.concatenate(truths), np.concatenate(preds),
                  f"held-out test points (abs_rel {rows['model']['abs_rel']:.3f})")
     save_training_curves(out / "training_curves.png", run_dir / "metrics.jsonl", rows["median"]["abs_rel"])
-
-    ratio = rows["model"]["abs_rel"] / rows["median"]["abs_rel"]
-    result = {"model": rows["model"], "median": rows["median"], "median_depth_m": median_m,
-              "abs_rel_ratio_model_over_median": ratio, "timings_s": timings, "steps": cfg.max_steps,
-              "data": {"train": n_train, "test": n_test, "size": list(size)}}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "report.md").write_text(_report(result, rows, out, run_dir, data))
-    print(format_metrics(rows))
-    print(f"model abs_rel / median abs_rel = {ratio:.2f}; outputs in {out}/")
-    return result
 
 
 def _report(result: dict, rows: dict, out: Path, run_dir: Path, data: Path) -> str:
@@ -124,7 +127,7 @@ true depth map).
 
 ```bash
 spd predict --model {run_dir}/checkpoints/last --image {data}/official_splits/test/synth_room_00000/rgb_00000.jpg --grid 16 --vis overlay16.png
-spd eval --model {run_dir}/checkpoints/last --data-root {data}/official_splits/test --protocol dense --crop none
+spd eval --model {run_dir}/checkpoints/last --data-root {data} --protocol dense --crop none
 spd train --config v15_tiny_synth --data-root {data} --out runs/longer --max-steps 3000
 spd train --config v15_nyu --data-root /path/to/nyu --out runs/v15_nyu       # real NYU, GPU (see README)
 ```

@@ -60,8 +60,6 @@ def build_session(cfg: TrainConfig, data_root: str | Path, run_dir: Path, info: 
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_training_model(cfg).to(info.device)
-    if info.is_main and isinstance(model, SPD) and model.encoder.weights_info is not None:
-        print(f"encoder weights: {model.encoder.weights_info}")
     train_set, val_set = resolve_data(cfg, data_root)
     epochs = EpochPlan(train_set, cfg, info)
     total_steps = cfg.max_steps or cfg.epochs * epochs.steps_per_epoch
@@ -70,11 +68,17 @@ def build_session(cfg: TrainConfig, data_root: str | Path, run_dir: Path, info: 
     if info.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    logger = RunLogger(run_dir, info.is_main)
+    if isinstance(model, SPD) and model.encoder.weights_info is not None:
+        # Which file the encoder started from, provably: path, SHA-256 and the tensors it filled.
+        logger.log(0, "encoder_weights", model.encoder.weights_info)
+        if info.is_main:
+            print(f"encoder weights: {model.encoder.weights_info}")
     zero = torch.zeros((), dtype=torch.long, device=info.device)
     return Session(
         cfg, info, run_dir, model, torch.compile(net) if cfg.compile else net, build_optimizer(model, cfg),
         lr_schedule(total_steps, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio), epochs, val_set,
-        total_steps, RunLogger(run_dir, info.is_main), Preemption(),
+        total_steps, logger, Preemption(),
         torch.autocast(info.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext(), zero, zero.clone(),
     )
 

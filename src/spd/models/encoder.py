@@ -68,8 +68,8 @@ class Encoder(nn.Module):
     Args:
         name: timm model name (``convnextv2_tiny`` for v15, ``convnextv2_atto`` for v15-tiny).
         weights_file: local FCMAE / ImageNet weights for that model (.safetensors, .pt or .pth; timm,
-            official ConvNeXt-V2 or FCMAE layout), loaded strictly (`encoder_weights.py`). None builds a random encoder and warns: a
-            random encoder is fine for tests and the synthetic demo, never for NYU numbers.
+            official ConvNeXt-V2 or FCMAE layout), loaded strictly (`encoder_weights.py`). None builds a
+            random encoder and warns: fine for tests and the synthetic demo, never for NYU numbers.
     Shape:
         forward: images (B, 3, H, W) normalised, H and W multiples of 32; `folded` runs the blocks
         through `convnextv2_block_folded` (exact in eval mode; ~25 % faster on CPU), otherwise

@@ -221,7 +221,9 @@ def read_model_config(folder: Path) -> ModelConfig:
     data = read_config_dict(folder)
     model_type = data.pop("model_type", MODEL_TYPE)
     if model_type != MODEL_TYPE:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: holds a {model_type!r} model, not SPD (for the baseline use baseline:FOLDER)")
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE}: holds a {model_type!r} model, not SPD (for the baseline use baseline:FOLDER)"
+        )
     data["encoder_weights"] = None
     try:
         return ModelConfig.from_dict(data)

@@ -81,15 +81,33 @@ def test_param_groups_encoder_lr_and_no_decay(tiny_model):
     assert sum(len(g["params"]) for g in groups.values()) == len(list(tiny_model.parameters()))
 
 
-def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, synth_root):
-    steps = 12
-    command, env = _spd_train(tmp_path / "straight", synth_root, ["ckpt_every=3"], steps)
-    subprocess.run(command, env=env, check=True, capture_output=True)
-    reference = _train_losses(tmp_path / "straight")
-    assert sorted(reference) == list(range(1, steps + 1))
+RESUME_STEPS = 24
 
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, synth_root):
+    """An uninterrupted run that the interrupted-and-resumed ones must reproduce bit for bit."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    command, env = _spd_train(run, synth_root, ["ckpt_every=3"], RESUME_STEPS)
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    return run
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    losses, expected = _train_losses(resumed), _train_losses(reference)
+    assert sorted(losses) == list(range(1, RESUME_STEPS + 1))
+    for step in expected:
+        assert losses[step] == expected[step], f"loss at step {step}"
+    weights = load_file(str(resumed / "checkpoints" / "last" / "model.safetensors"))
+    reference_weights = load_file(str(reference / "checkpoints" / "last" / "model.safetensors"))
+    assert weights.keys() == reference_weights.keys()
+    for name, value in reference_weights.items():
+        assert torch.equal(weights[name], value), name
+
+
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, synth_root, straight_run):
     run = tmp_path / "killed"
-    command, env = _spd_train(run, synth_root, ["ckpt_every=3"], steps)
+    command, env = _spd_train(run, synth_root, ["ckpt_every=3"], RESUME_STEPS)
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = run / "checkpoints" / "last" / "training_state.pt"
     deadline = time.time() + 120
@@ -98,18 +116,15 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, synth_roo
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = load_training_state(run / "checkpoints" / "last")["progress"]["step"]
-    assert killed_at < steps
+    assert killed_at < RESUME_STEPS
 
     subprocess.run(command + ["--resume"], env=env, check=True, capture_output=True)
-    resumed = _train_losses(run)
-    assert sorted(resumed) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
-        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), f"step {step}"
+    _assert_same_run(run, straight_run)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, synth_root):
+def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, synth_root, straight_run):
     run = tmp_path / "term"
-    command, env = _spd_train(run, synth_root, ["ckpt_every=1000"], 500)
+    command, env = _spd_train(run, synth_root, ["ckpt_every=3"], RESUME_STEPS)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     log = run / "metrics.jsonl"
@@ -120,7 +135,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, synth_root):
     assert process.returncode == 0, output
     assert "SIGTERM: saved" in output
     step = load_training_state(run / "checkpoints" / "last")["progress"]["step"]
-    assert 2 <= step < 500
+    assert 2 <= step < RESUME_STEPS
+
+    subprocess.run(command + ["--resume"], env=env, check=True, capture_output=True)
+    _assert_same_run(run, straight_run)
 
 
 def test_torchrun_two_processes_match_one_process_gradients(tmp_path, synth_root):

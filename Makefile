@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.14.1 / torchvision 0.29.1 match each other; any torch >= 2.4 with its torchvision works.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-all demo clean gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,8 @@ clean:
 
 demo: install
 	$(BIN)/spd demo --out demo_out
+
+# The checks that need a GPU (cuda tests, bench on cuda, 50-step bf16 v15 training); figures to docs/gpu/.
+# Without CUDA it says so and exits 0. Uses .venv if present, else the machine's python3.
+gpu-check:
+	bash scripts/gpu_check.sh docs/gpu

@@ -33,3 +33,10 @@ def synth_root(tmp_path_factory):
 
     return generate(tmp_path_factory.mktemp("synth"), n_train=16, n_test=4, size=(96, 128), holes=True, seed=3,
                     workers=1, progress=False)
+
+
+# Tests that take a `device` run on the CPU always and on CUDA when a GPU is present (`make gpu-check`).
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")),
+]

@@ -63,7 +63,7 @@ def test_every_trainable_baseline_parameter_gets_a_gradient(baseline):
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "-m", "spd.cli", "bench", "--height", "64", "--width", "96", "--k", "1,16",
-                    "--repeat", "1", "--json", str(out), "--plot", str(tmp_path / "bench.png")],
+                    "--repeat", "1", "--json", str(out), "--plot", str(tmp_path / "bench.png"), "--no-train-step"],
                    check=True, capture_output=True)
     result = json.loads(out.read_text())
     for key in ("encode_ms", "decode_ms", "total_ms"):
@@ -73,6 +73,8 @@ def test_bench_smoke(tmp_path):
     assert result["baseline"]["total_ms"] > 0
     assert result["macs"]["baseline"] > result["macs"]["encode"] > 0
     assert 0 < result["macs"]["decode_per_query"]
+    assert result["decode_host_syncs"] == 0
+    assert 50 < result["decode_ops"] < 5000
     assert {"device", "torch", "threads"} <= set(result)
     assert set(result["ratio_decode_encode"]) == {"1", "16"}
     fast = result["fast_paths"]  # each exact fast path timed on and off

@@ -27,7 +27,7 @@ class Oracle:
         self.calls += 1
         return gt
 
-    def decode(self, gt, queries, mask=None):
+    def decode(self, gt, queries, mask=None, check_values=True):
         u, v = queries[0].long().unbind(-1)
         return gt[v, u][None]
 

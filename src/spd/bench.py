@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from spd.bench_train import training_step_section
 from spd.build import build_model
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
 
@@ -62,7 +63,8 @@ def measure_fast_paths(model, image: torch.Tensor, queries: torch.Tensor, k: int
         encode_paths = dataclasses.replace(fast, encoder=state)
         decode_paths = dataclasses.replace(fast, decoder=state)
         out[f"encoder_{label}_ms"] = median_ms(lambda: model.encode(image, encode_paths), max(3, repeat // 2), device)
-        out[f"decoder_{label}_ms"] = median_ms(lambda: model.decode(features, queries, paths=decode_paths), repeat, device)
+        decode = lambda: model.decode(features, queries, paths=decode_paths, check_values=False)  # noqa: E731
+        out[f"decoder_{label}_ms"] = median_ms(decode, repeat, device)
     return out
 
 
@@ -123,7 +125,9 @@ def build_setup(height: int, width: int, ks: tuple[int, ...], device: str, compi
         # compiling, and slower than eager with dynamic K.
         encode = torch.compile(spd_model.encode)
         base_encode = torch.compile(baseline.encode)
-    return BenchSetup(dev, spd_model, baseline, image, queries, encode, spd_model.decode, base_encode)
+    # The queries are valid by construction: decode as the predictor does after its one validation.
+    decode = lambda features, queries: spd_model.decode(features, queries, check_values=False)  # noqa: E731
+    return BenchSetup(dev, spd_model, baseline, image, queries, encode, decode, base_encode)
 
 
 def time_models(s: BenchSetup, ks: tuple[int, ...], repeat: int) -> dict:
@@ -165,29 +169,83 @@ def macs_summary(s: BenchSetup, ks: tuple[int, ...], k_ref: int) -> tuple[dict, 
     }
 
 
+def decode_ops_and_syncs(s: BenchSetup, k: int) -> tuple[int, int]:
+    """Top-level ATen ops one decode(K) call issues (each is at least one kernel launch on a GPU) and
+    its blocking host syncs (`_local_scalar_dense`, what `.item()`, `bool(tensor)` and `.tolist()` run),
+    counted with torch.profiler on a warm call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    features = s.spd_model.encode(s.image)
+    s.decode(features, s.queries[k])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        s.decode(features, s.queries[k])
+    events = prof.events()
+    top_level = [e for e in events if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return len(top_level), sum(1 for e in events if e.name == "aten::_local_scalar_dense")
+
+
+def time_compiled_decode(s: BenchSetup, ks: tuple[int, ...], repeat: int) -> dict[str, float]:
+    """decode(K) through `torch.compile(fullgraph=True)`, one static graph per K (CUDA graphs on CUDA)."""
+    mode = "reduce-overhead" if s.device.type == "cuda" else None
+    compiled = torch.compile(s.spd_model.decode, fullgraph=True, dynamic=False, mode=mode)
+    features = s.encode(s.image)
+    out = {}
+    for k in ks:
+        queries = s.queries[k]
+        mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
+        run = lambda: compiled(features, queries, mask, check_values=False)  # noqa: E731
+        out[str(k)] = median_ms(run, repeat, s.device, warmup=3)
+    return out
+
+
+def _autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
 def run_bench(
     height: int = 480,
     width: int = 640,
     ks: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096),
     device: str = "cpu",
-    dtype: str = "fp32",
+    dtypes: tuple[str, ...] = ("fp32",),
     compile: bool = False,
     repeat: int = 7,
     baseline_input: str = "fair",
     channels_last: bool = False,
+    compile_decode_ks: tuple[int, ...] = (),
+    train_step: bool = True,
 ) -> dict:
+    """Every figure of `spd bench`. The first dtype gives the main rows; each further dtype (bf16)
+    its own rows and its total-time ratio to the first, measured in the same run."""
     s = build_setup(height, width, ks, device, compile, baseline_input, channels_last)
-    dev = s.device
+    dev, primary = s.device, dtypes[0]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
     k_ref = 256 if 256 in ks else ks[-1]
-    with torch.inference_mode(), autocast:
-        result = time_models(s, ks, repeat)
-        result["baseline"]["input_size"] = list(baseline_input_size(height, width, baseline_input))
-        result["fast_paths"] = {} if compile else measure_fast_paths(s.spd_model, s.image, s.queries[k_ref], k_ref, repeat, dev)
-        result["spd"]["decode_macs"], result["macs"] = macs_summary(s, ks, k_ref)
-        result["companions"] = companion_sensitivity(s.spd_model, s.spd_model.encode(s.image), height, width, dev)
+    with torch.inference_mode():
+        with _autocast(dev, primary):
+            result = time_models(s, ks, repeat)
+            result["baseline"]["input_size"] = list(baseline_input_size(height, width, baseline_input))
+            result["fast_paths"] = {} if compile else measure_fast_paths(s.spd_model, s.image, s.queries[k_ref], k_ref, repeat, dev)
+            result["spd"]["decode_macs"], result["macs"] = macs_summary(s, ks, k_ref)
+            result["companions"] = companion_sensitivity(s.spd_model, s.spd_model.encode(s.image), height, width, dev)
+            result["decode_ops"], result["decode_host_syncs"] = decode_ops_and_syncs(s, k_ref)
+            if compile_decode_ks:
+                result["spd"]["decode_compiled_ms"] = time_compiled_decode(s, compile_decode_ks, repeat)
+        for other in dtypes[1:]:
+            with _autocast(dev, other):
+                result[other] = time_models(s, ks, repeat)
+            result[f"{other}_over_{primary}_total"] = {
+                k: result[other]["spd"]["total_ms"][k] / result["spd"]["total_ms"][k] for k in result["spd"]["total_ms"]
+            }
+    if train_step:
+        result["training_step"] = {dtype: training_step_section(device, dtype) for dtype in dtypes}
+    _add_run_facts(result, s, ks, dtypes, compile, repeat, height, width, channels_last)
+    return result
+
+
+def _add_run_facts(result: dict, s: BenchSetup, ks, dtypes, compile, repeat, height, width, channels_last) -> None:
+    dev = s.device
     slower = [k for k in ks if result["ratio_total"][str(k)] >= 1.0]
     result["break_even_k"] = slower[0] if slower else None
     result["peak_memory_mb"] = (
@@ -196,10 +254,9 @@ def run_bench(
     )
     result.update(
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype, compile=compile,
+        torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtypes[0], dtypes=list(dtypes), compile=compile,
         height=height, width=width, repeat=repeat, channels_last=channels_last,
     )
-    return result
 
 
 def format_bench(result: dict) -> str:
@@ -234,8 +291,32 @@ def format_bench(result: dict) -> str:
             f"fast paths: encode {fast['encoder_fast_ms']:.1f} ms folded vs {fast['encoder_reference_ms']:.1f} ms timm forward; "
             f"decode(K={fast['k']}) {fast['decoder_fast_ms']:.1f} ms vs {fast['decoder_reference_ms']:.1f} ms reference paths"
         )
+    lines += _format_extras(result)
     lines.append(f"peak memory {result['peak_memory_mb']:.0f} MB")
     return "\n".join(lines)
+
+
+def _format_extras(result: dict) -> list[str]:
+    """The decoder's op count and syncs, compiled decode, further dtypes, the training step."""
+    lines = [f"decode(K={k_ref_label(result)}): {result['decode_ops']} top-level ATen ops, "
+             f"{result['decode_host_syncs']} host syncs per call"]
+    compiled = result["spd"].get("decode_compiled_ms")
+    if compiled:
+        lines.append("compiled decode (fullgraph, static K): " + ", ".join(f"K={k} {ms:.2f} ms" for k, ms in compiled.items()))
+    for dtype in result.get("dtypes", [])[1:]:
+        rows, ratio = result[dtype], result[f"{dtype}_over_{result['dtype']}_total"]
+        lines.append(f"{dtype}: SPD encode {rows['spd']['encode_ms']:.1f} ms, baseline total {rows['baseline']['total_ms']:.1f} ms")
+        for k in rows["spd"]["total_ms"]:
+            lines.append(f"  K={k:>5}: decode {rows['spd']['decode_ms'][k]:.1f} ms, total {rows['spd']['total_ms'][k]:.1f} ms, "
+                         f"SPD/base {rows['ratio_total'][k]:.2f}, {dtype}/{result['dtype']} total {ratio[k]:.2f}")
+    for dtype, section in (result.get("training_step") or {}).items():
+        spd, base = section["spd"], section["baseline"]
+        lines.append(
+            f"training step ({dtype}, {section['height']}x{section['width']}, K={section['k']}, batch {section['batch']}): "
+            f"SPD {spd['s_per_image']:.3f} s/image, {spd['activation_mb_per_image']:.0f} MB activations/image; "
+            f"DAv2-S {base['s_per_image']:.3f} s/image, {base['activation_mb_per_image']:.0f} MB activations/image"
+        )
+    return lines
 
 
 def k_ref_label(result: dict) -> str:

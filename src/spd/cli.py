@@ -172,8 +172,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from spd.bench import format_bench, run_bench, save_plot, write_json
 
     ks = tuple(int(k) for k in args.k.split(","))
-    result = run_bench(args.height, args.width, ks, args.device, args.dtype, args.compile, args.repeat,
-                       args.baseline_input, args.channels_last)
+    compile_ks = tuple(int(k) for k in args.compile_decode.split(",")) if args.compile_decode else ()
+    result = run_bench(args.height, args.width, ks, args.device, tuple(args.dtype.split(",")), args.compile, args.repeat,
+                       args.baseline_input, args.channels_last, compile_ks, not args.no_train_step)
     print(format_bench(result))
     if args.json:
         write_json(result, args.json)
@@ -256,8 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=640, help="image width (default 640)")
     p.add_argument("--k", default="1,16,64,256,1024,4096", help="comma-separated query counts")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast (default fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models' encoders (SPD's decoder stays eager)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp32,bf16", "bf16,fp32"],
+                   help="bf16 = autocast; two (fp32,bf16) time both in one run, with the ratio (default fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models' encoders")
+    p.add_argument("--compile-decode", default=None, metavar="K,K",
+                   help="also time SPD's decode compiled (fullgraph, one static graph per K; CUDA graphs on CUDA) at these K")
+    p.add_argument("--no-train-step", action="store_true",
+                   help="skip the training-step section (416x544, K=256: seconds and activation bytes per image)")
     p.add_argument("--channels-last", action="store_true", help="run the SPD encoder in channels-last memory format")
     p.add_argument("--repeat", type=int, default=7, help="timed runs per figure; the median is reported (default 7)")
     p.add_argument("--baseline-input", choices=["fair", "official"], default="fair",

@@ -17,15 +17,16 @@ query set, and the same inputs always give the same outputs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from spd.chunked import decode_in_chunks
+from spd.chunked import K_BUCKETS, decode_in_chunks
 from spd.data.io import read_rgb
 from spd.data.transforms import normalize_image
 from spd.geometry.validation import validate_queries
@@ -105,13 +106,42 @@ class Predictor:
         model: the network; it is moved to `device` and put in eval mode.
         chunk_size: points per decode call (the training K).
         seed: the fixed shuffle of large point sets (see module docstring).
+        dtype: "fp32", or "bf16" (autocast: matmuls and convolutions in bf16; coordinates, softmax,
+            normalisation and the final exp stay fp32).
+        compile: decode through `torch.compile(fullgraph=True)` (CUDA graphs on CUDA), each chunk
+            padded to a K bucket (`spd.chunked.K_BUCKETS`) so only a few shapes ever compile.
+        buckets: override the K buckets (None: K_BUCKETS when compiling, exact sizes otherwise).
     """
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", chunk_size: int = 256, seed: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device = "cpu",
+        chunk_size: int = 256,
+        seed: int = 0,
+        dtype: Literal["fp32", "bf16"] = "fp32",
+        compile: bool = False,
+        buckets: tuple[int, ...] | None = None,
+    ):
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.chunk_size = chunk_size
         self.seed = seed
+        self.dtype = dtype
+        self._decode = self.model.decode
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=False, mode=mode)
+        if buckets is None and compile:
+            buckets = tuple(b for b in K_BUCKETS if b < chunk_size) + (chunk_size,)
+        self.buckets = buckets
+
+    def _autocast(self):
+        if self.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device = "cpu", **kwargs) -> "Predictor":
@@ -124,13 +154,16 @@ class Predictor:
     def encode(self, image: ImageLike) -> ImageFeatures:
         rgb = image_to_uint8(image)
         tensor = normalize_image(torch.from_numpy(rgb).permute(2, 0, 1))[None].to(self.device)
-        return ImageFeatures(self.model.encode(tensor), rgb.shape[0], rgb.shape[1])
+        with self._autocast():
+            return ImageFeatures(self.model.encode(tensor), rgb.shape[0], rgb.shape[1])
 
     @torch.inference_mode()
     def decode(self, features: ImageFeatures, points) -> np.ndarray:
         """Depth [m] at (K, 2) points of the encoded image. Returns (K,) float32."""
-        queries = check_points(points, features.height, features.width).to(self.device)
-        depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed)
+        queries = check_points(points, features.height, features.width).to(self.device)  # validated once, here
+        with self._autocast():
+            depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed,
+                                     buckets=self.buckets, decode=self._decode)
         return depth.float().cpu().numpy()
 
     def predict(self, image: ImageLike, points) -> np.ndarray:

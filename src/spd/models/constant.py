@@ -24,7 +24,9 @@ class ConstantDepth(nn.Module):
     def encode(self, images: torch.Tensor) -> _ImageInfo:
         return _ImageInfo(images.shape[0], (images.shape[-2], images.shape[-1]))
 
-    def decode(self, features: _ImageInfo, queries: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self, features: _ImageInfo, queries: torch.Tensor, mask: torch.Tensor | None = None, check_values: bool = True
+    ) -> torch.Tensor:
         return torch.full(queries.shape[:2], self.depth_m, device=queries.device)
 
 

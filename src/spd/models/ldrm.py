@@ -15,8 +15,6 @@ Two paths compute the same `local_feat`:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +40,8 @@ class LocalRefinement(nn.Module):
     def __init__(self, in_dim: int, mid_dim: int, out_dim: int, patch: int = 7) -> None:
         super().__init__()
         check_ldrm_patch(patch)
+        # The fast path's constant x2 upsampling matrices of a 4x4 window (see `_fast_local_feat`).
+        self.register_buffer("windows_28", _windows_28(), persistent=False)
         self.patch = patch
         self.conv_mid = nn.Conv2d(in_dim, mid_dim, kernel_size=3, padding=1)
         self.conv_residual = nn.Conv2d(in_dim, mid_dim, kernel_size=1)
@@ -111,7 +111,7 @@ class LocalRefinement(nn.Module):
         feat_14 = F.gelu(F.conv2d(grid_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
         residual = F.linear(grid_14[:, 1:-1, 1:-1], self.conv_residual.weight.flatten(1), self.conv_residual.bias)
         feat_14 = feat_14.permute(0, 2, 3, 1) + residual  # (N, 4, 4, mid): feat_14[2c-1+s : 2c+3+s]
-        windows_28 = _windows_28(grid_14.dtype, grid_14.device)  # (4, 16, 16): window start f+1-2s in {1, 2}
+        windows_28 = self.windows_28.to(grid_14.dtype)  # (4, 16, 16): window start f+1-2s in {1, 2}
         start = f - 2 * s
         up_28 = torch.bmm(windows_28[2 * start[:, 1] + start[:, 0]], feat_14.reshape(n, 16, -1))  # up_28[4c+f-1 : 4c+f+3]
         up_28 = up_28.view(n, 4, 4, -1).permute(0, 3, 1, 2)
@@ -132,7 +132,7 @@ class LocalRefinement(nn.Module):
         return F.grid_sample(feat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).flatten(1)
 
 
-def _upsample_matrix(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _upsample_matrix(size: int) -> torch.Tensor:
     """(2*size, size) matrix of bilinear x2 upsampling with align_corners=False (as F.interpolate)."""
     matrix = [[0.0] * size for _ in range(2 * size)]
     for out in range(2 * size):
@@ -142,15 +142,14 @@ def _upsample_matrix(size: int, dtype: torch.dtype, device: torch.device) -> tor
         weight = source - low
         matrix[out][low] += 1 - weight
         matrix[out][high] += weight
-    return torch.tensor(matrix, dtype=dtype, device=device)
+    return torch.tensor(matrix, dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=8)
-def _windows_28(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _windows_28() -> torch.Tensor:
     """The fast path's second x2 upsampling of a 4x4 feat_14 window, one 2D map per window start:
-    rows [1, 5) or [2, 6) of the 8x4 upsampling matrix per axis -> (4, 16, 16). Constant, so cached
-    (per dtype and device) instead of being rebuilt in every decode call."""
-    up_4 = _upsample_matrix(4, dtype, device)  # (8, 4)
+    rows [1, 5) or [2, 6) of the 8x4 upsampling matrix per axis -> (4, 16, 16). Constant: a buffer of
+    the module, built once instead of in every decode call."""
+    up_4 = _upsample_matrix(4)  # (8, 4)
     return _window_pairs(torch.stack([up_4[1:5], up_4[2:6]]))
 
 

@@ -108,11 +108,16 @@ class MSDeformableAttention(nn.Module):
         return locations, weights
 
     def _offsets_and_weights(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """offsets (B, K, H, L, P, 2) in cells of each level; weights (B, K, H, L, P), softmax over L*P per head."""
+        """offsets (B, K, H, L, P, 2) in cells of each level; weights (B, K, H, L, P), softmax over L*P per
+        head; both fp32."""
         batch, num_queries, _ = h.shape
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
-        offsets = self.sampling_offsets(h).view(batch, num_queries, heads, levels, points, 2)
-        weights = self.attention_weights(h).view(batch, num_queries, heads, levels * points).softmax(-1)
+        # Sampling positions and the softmax stay fp32 under autocast: a bf16 offset would move a
+        # sample by up to ~0.4 % of its distance, and these two projections are tiny.
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            offsets = self.sampling_offsets(h).view(batch, num_queries, heads, levels, points, 2)
+            weights = self.attention_weights(h).view(batch, num_queries, heads, levels * points).softmax(-1)
         return offsets, weights.view(batch, num_queries, heads, levels, points)
 
     @property

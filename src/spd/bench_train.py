@@ -1,0 +1,100 @@
+"""`spd bench`'s training-step section: seconds per image and activation bytes saved for backward
+per image, SPD v15 beside the DAv2-S baseline, at the plan's setting (416x544 crops, K = 256)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+
+from spd.build import build_model
+from spd.losses import baseline_losses, spd_losses
+from spd.models.baseline import DepthAnythingBaseline
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batch(batch: int, height: int, width: int, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A training batch of the collate layout with random content (depth in [0.5, 5.5] m, all valid)."""
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.rand(batch, k, 2, generator=generator) * torch.tensor([width - 1.0, height - 1.0])
+    return {
+        "image": torch.randn(batch, 3, height, width, generator=generator).to(device),
+        "depth": (torch.rand(batch, 1, height, width, generator=generator) * 5 + 0.5).to(device),
+        "valid": torch.ones(batch, 1, height, width, dtype=torch.bool, device=device),
+        "queries": queries.round().to(device),
+        "query_mask": torch.ones(batch, k, dtype=torch.bool, device=device),
+    }
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `fn` runs (its activations)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
+def _losses(model, out: dict, batch: dict) -> torch.Tensor:
+    out = {k: v.float() for k, v in out.items()}
+    if isinstance(model, DepthAnythingBaseline):
+        return baseline_losses(out, batch)["total"]
+    return spd_losses(out, batch, model.ldrm_patch_origin(batch["queries"]))["total"]
+
+
+def time_training_step(model, batch: dict, device: torch.device, dtype: str, repeat: int) -> dict[str, float]:
+    """Median seconds of forward + backward + AdamW step, and activation bytes, both per image."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+    def forward_loss() -> torch.Tensor:
+        with autocast:
+            out = model(batch["image"], batch["queries"], batch["query_mask"], return_aux=True, check_values=False)
+        return _losses(model, out, batch)
+
+    def step() -> None:
+        forward_loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: optimiser state, allocator
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    images = batch["image"].shape[0]
+    activation = saved_activation_bytes(forward_loss)
+    optimizer.zero_grad(set_to_none=True)
+    return {"s_per_image": statistics.median(times) / images, "activation_mb_per_image": activation / images / 2**20}
+
+
+def training_step_section(device: str = "cpu", dtype: str = "fp32", batch: int = 1, height: int = 416, width: int = 544,
+                          k: int = 256, repeat: int = 3) -> dict:
+    """Both models, one batch, the same settings: the plan's 416x544 crops with K = 256 queries."""
+    dev = torch.device(device)
+    data = synthetic_batch(batch, height, width, k, dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        models = {"spd": build_model("v15", warn_random_encoder=False).to(dev),
+                  "baseline": DepthAnythingBaseline(input_mode="fair").to(dev)}
+    section = {"batch": batch, "height": height, "width": width, "k": k, "dtype": dtype, "repeat": repeat}
+    for name, model in models.items():
+        section[name] = time_training_step(model, data, dev, dtype, repeat)
+    return section

@@ -1,0 +1,125 @@
+"""The inference and training paths on every available device (cpu always, cuda when present): fast
+== reference, one compiled graph per K bucket, bf16 close to fp32, no host sync (issue 13)."""
+
+import glob
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import spd
+from conftest import DEVICES
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nyu_real"
+
+
+def _tiny(device: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = spd.build_model("v15-tiny", warn_random_encoder=False).eval()
+    with torch.no_grad():  # non-trivial gates, offsets and GRN so that every path does real work
+        for name, param in model.named_parameters():
+            if any(key in name for key in ("grn", "sampling_offsets.weight", "attention_weights.weight", "gate")):
+                param.normal_(0, 0.3)
+    return model.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_paths_match_reference_paths(device):
+    model = _tiny(device)
+    images = torch.randn(2, 3, 70, 101, device=device)
+    queries = torch.rand(2, 37, 2, device=device) * torch.tensor([100.0, 69.0], device=device) - 0.25
+    mask = torch.rand(2, 37, device=device) > 0.2
+    with torch.no_grad():
+        fast = model.decode(model.encode(images), queries, mask)
+        reference_paths = spd.InferencePaths.reference()
+        reference = model.decode(model.encode(images, reference_paths), queries, mask, paths=reference_paths)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decode_is_one_graph_per_bucket_and_equals_eager(device):
+    """Two K values of one bucket (10 and 13 -> 16): compiled once with fullgraph=True (CUDA graphs
+    on CUDA), no recompile for the second, and the same depths as the eager predictor."""
+    model = _tiny(device)
+    eager = spd.Predictor(model, device)
+    compiled = spd.Predictor(model, device, compile=True)
+    image = str(FIXTURES / "sync" / "rgb_00000.jpg")
+    features = compiled.encode(image)
+    generator = np.random.default_rng(0)
+    points = [generator.uniform([0, 0], [639, 479], size=(k, 2)) for k in (10, 13)]
+    torch._dynamo.reset()
+    first = compiled.decode(features, points[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = compiled.decode(features, points[1])
+    np.testing.assert_allclose(first, eager.decode(features, points[0]), rtol=1e-5)
+    np.testing.assert_allclose(second, eager.decode(features, points[1]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bucket_padding_is_exact(device):
+    """Padding a chunk with masked queries up to its bucket changes no real query's depth."""
+    model = _tiny(device)
+    exact = spd.Predictor(model, device)
+    padded = spd.Predictor(model, device, buckets=(64, 256))
+    image = str(FIXTURES / "sync" / "rgb_00050.jpg")
+    points = np.random.default_rng(1).uniform([0, 0], [639, 479], size=(23, 2))
+    np.testing.assert_allclose(padded.predict(image, points), exact.predict(image, points), rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_inference_stays_within_one_percent_on_real_frames(device):
+    """v15 (random weights) on the real NYU fixture frames: bf16 autocast vs fp32."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = spd.build_model("v15", warn_random_encoder=False)
+    fp32, bf16 = spd.Predictor(model, device), spd.Predictor(model, device, dtype="bf16")
+    generator = np.random.default_rng(0)
+    relative = []
+    for path in sorted(glob.glob(str(FIXTURES / "*" / "rgb*"))):
+        points = generator.uniform([0, 0], [639, 479], size=(256, 2))
+        reference = fp32.predict(path, points)
+        low = bf16.predict(path, points)
+        assert low.dtype == np.float32
+        relative.append(np.abs(low - reference) / reference)
+    relative = np.concatenate(relative)
+    assert relative.mean() <= 0.01, relative.mean()
+    assert np.isfinite(relative).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_step_makes_no_host_sync(device, tmp_path, synth_root):
+    """One v15-tiny step that does not log, its batch already loaded (as DataLoader workers deliver
+    it): no `.item()` / `_local_scalar_dense` from the step. On CPU the fused AdamW kernel reads its
+    step count and `found_inf` with item() inside the C++ kernel (CPU memory, no device to sync with);
+    on CUDA the same kernel reads them on the device, so there nothing is excused."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from spd.engine.distributed import DistInfo
+    from spd.engine.loop import TrainState, train_step
+    from spd.engine.train import build_session
+    from spd.train_config import load_config
+
+    cfg = load_config("v15_tiny_synth", ["data.num_queries=32", "batch_size=2", "data.workers=0", "data.crop_size=[64,96]"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        session = build_session(cfg, synth_root, tmp_path / "run", DistInfo(device=torch.device(device)))
+    state, batches = TrainState(), session.epochs.batches(0, 0)
+    loaded = [next(batches), next(batches)]
+    train_step(session, iter(loaded[:1]), state)  # warm-up: optimiser state created
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(session, iter(loaded[1:]), state)
+    excused = {"aten::_fused_adamw_"} if device == "cpu" else set()
+    syncs = []
+    for event in prof.events():
+        if event.name in ("aten::item", "aten::_local_scalar_dense"):
+            parent = event.cpu_parent
+            while parent is not None and parent.name in ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"):
+                parent = parent.cpu_parent
+            if parent is None or parent.name not in excused:
+                syncs.append(parent.name if parent is not None else "<python>")
+    assert not syncs, syncs

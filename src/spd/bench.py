@@ -180,8 +180,11 @@ def decode_ops_and_syncs(s: BenchSetup, k: int) -> tuple[int, int]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         s.decode(features, s.queries[k])
     events = prof.events()
-    top_level = [e for e in events if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    return len(top_level), sum(1 for e in events if e.name == "aten::_local_scalar_dense")
+    def top_level(event) -> bool:  # an ATen op called from Python, not from inside another op
+        return event.name.startswith("aten::") and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+
+    ops = sum(1 for e in events if top_level(e))
+    return ops, sum(1 for e in events if e.name == "aten::_local_scalar_dense")
 
 
 def time_compiled_decode(s: BenchSetup, ks: tuple[int, ...], repeat: int) -> dict[str, float]:
@@ -226,7 +229,8 @@ def run_bench(
         with _autocast(dev, primary):
             result = time_models(s, ks, repeat)
             result["baseline"]["input_size"] = list(baseline_input_size(height, width, baseline_input))
-            result["fast_paths"] = {} if compile else measure_fast_paths(s.spd_model, s.image, s.queries[k_ref], k_ref, repeat, dev)
+            fast_paths = measure_fast_paths(s.spd_model, s.image, s.queries[k_ref], k_ref, repeat, dev) if not compile else {}
+            result["fast_paths"] = fast_paths
             result["spd"]["decode_macs"], result["macs"] = macs_summary(s, ks, k_ref)
             result["companions"] = companion_sensitivity(s.spd_model, s.spd_model.encode(s.image), height, width, dev)
             result["decode_ops"], result["decode_host_syncs"] = decode_ops_and_syncs(s, k_ref)
@@ -305,7 +309,8 @@ def _format_extras(result: dict) -> list[str]:
         lines.append("compiled decode (fullgraph, static K): " + ", ".join(f"K={k} {ms:.2f} ms" for k, ms in compiled.items()))
     for dtype in result.get("dtypes", [])[1:]:
         rows, ratio = result[dtype], result[f"{dtype}_over_{result['dtype']}_total"]
-        lines.append(f"{dtype}: SPD encode {rows['spd']['encode_ms']:.1f} ms, baseline total {rows['baseline']['total_ms']:.1f} ms")
+        lines.append(f"{dtype}: SPD encode {rows['spd']['encode_ms']:.1f} ms, "
+                     f"baseline total {rows['baseline']['total_ms']:.1f} ms")
         for k in rows["spd"]["total_ms"]:
             lines.append(f"  K={k:>5}: decode {rows['spd']['decode_ms'][k]:.1f} ms, total {rows['spd']['total_ms'][k]:.1f} ms, "
                          f"SPD/base {rows['ratio_total'][k]:.2f}, {dtype}/{result['dtype']} total {ratio[k]:.2f}")

@@ -15,7 +15,7 @@ from conftest import DEVICES
 FIXTURES = Path(__file__).parent / "fixtures" / "nyu_real"
 
 
-def _tiny(device: str):
+def _tiny(device: str, spread: float = 0.3):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
@@ -23,7 +23,7 @@ def _tiny(device: str):
     with torch.no_grad():  # non-trivial gates, offsets and GRN so that every path does real work
         for name, param in model.named_parameters():
             if any(key in name for key in ("grn", "sampling_offsets.weight", "attention_weights.weight", "gate")):
-                param.normal_(0, 0.3)
+                param.normal_(0, spread)
     return model.to(device)
 
 
@@ -44,9 +44,11 @@ def test_fast_paths_match_reference_paths(device):
 def test_compiled_decode_is_one_graph_per_bucket_and_equals_eager(device):
     """Two K values of one bucket (10 and 13 -> 16): compiled once with fullgraph=True (CUDA graphs
     on CUDA), no recompile for the second, and the same depths as the eager predictor."""
-    model = _tiny(device)
-    eager = spd.Predictor(model, device)
+    # Milder random weights than the fast-path test: compiled kernels (other GEMMs, fused index maths)
+    # round sampling positions differently by ~1e-7, which very steep random weights amplify.
+    model = _tiny(device, spread=0.1)
     compiled = spd.Predictor(model, device, compile=True)
+    eager = spd.Predictor(model, device, buckets=compiled.buckets)  # the same padded shapes, eager
     image = str(FIXTURES / "sync" / "rgb_00000.jpg")
     features = compiled.encode(image)
     generator = np.random.default_rng(0)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from spd.geometry.coords import padded_size, pixel_to_grid
+from spd.models.rows import RowLayout, bag_sum, build_row_table, level_index, map_view, query_rows
 from spd.models.splat import bilinear_splat, make_splat_plan, sample_at
 from spd.models.ldrm import LocalRefinement, _upsample2
 from spd.models.msda import MSDeformableAttention, msda_aggregate_reference
@@ -42,22 +43,54 @@ def test_splat_is_the_adjoint_of_sampling():
     torch.testing.assert_close(lhs, rhs)
 
 
-def test_plan_reads_and_soft_mean_writes_match_grid_sample_and_dense_splat():
-    """SplatPlan's gather read == sample_at, and its in-place soft-mean write == the dense formula."""
+def _rows_plan(maps: list[torch.Tensor], grid: torch.Tensor, mask: torch.Tensor):
+    """A row table of four d-wide maps and the queries' QueryRows on it (canvas = maps 1..3)."""
+    table, layout, views = build_row_table(maps)
+    index = level_index(layout, [0, 1, 2, 3], grid.device, heads=2)
+    extent = torch.tensor([[w, h] for h, w in layout.sizes], dtype=grid.dtype).view(4, 1, 2)
+    start, stop = layout.offsets[1], layout.offsets[3] + layout.rows(3)
+    return table, layout, views, index, query_rows(grid, mask, index, extent, start, stop - start, (2, 4 * 4 * 4))
+
+
+def test_row_reads_match_grid_sample_with_points_outside():
+    """corner_rows + one embedding_bag over the row table == F.grid_sample (zeros padding) on every level."""
     torch.manual_seed(0)
-    level = torch.randn(2, 5, 6, 9).contiguous(memory_format=torch.channels_last)
+    maps = [torch.randn(2, 5, h, w) for h, w in [(12, 18), (6, 9), (3, 5), (2, 3)]]
     grid = torch.rand(2, 11, 2) * 2.4 - 1.2  # some points outside
     mask = torch.ones(2, 11, dtype=torch.bool)
-    mask[1, 4] = False
-    plan = make_splat_plan(grid, mask, (6, 9))
-    scale = torch.rand(2, 11)
-    expected = sample_at(level, grid) * scale[..., None] * mask[..., None]
-    torch.testing.assert_close(plan.read(level, scale), expected)
-    values = torch.randn(2, 11, 5)
-    dense = level + plan.splat(values) / (plan.weight_sum + 1.0)
-    torch.testing.assert_close(plan.add_soft_mean_(level.clone(), values), dense)
-    with pytest.raises(ValueError, match="channels-last"):
-        plan.add_soft_mean_(torch.zeros(2, 5, 6, 9), values)
+    table, _, views, _, plan = _rows_plan(maps, grid, mask)
+    for view, original in zip(views, maps):
+        assert torch.equal(view, original)  # the views are the maps
+    read = bag_sum(table, plan.seed_rows, plan.seed_weights, plan.starts4).view(2, 11, 4, 5)
+    for level, original in enumerate(maps):
+        torch.testing.assert_close(read[:, :, level], sample_at(original, grid))
+
+
+def test_canvas_rows_path_matches_reference_write_cascade_smooth_read():
+    """CanvasSublayer.forward_rows (in place on one buffer) == forward (dense splats, grid_sample)."""
+    from spd.models.canvas import CanvasSublayer
+
+    torch.manual_seed(0)
+    canvas = CanvasSublayer(8)
+    with torch.no_grad():
+        for param in canvas.parameters():
+            param.normal_(0, 0.3)
+    maps = [torch.randn(2, 8, h, w) for h, w in [(12, 18), (6, 9), (3, 5), (2, 3)]]
+    grid = torch.rand(2, 11, 2) * 2 - 1
+    mask = torch.rand(2, 11) > 0.2
+    h = torch.randn(2, 11, 8)
+    table, layout, _, _, plan = _rows_plan(maps, grid, mask)
+    with torch.no_grad():
+        plans = [make_splat_plan(grid, mask, m.shape[-2:]) for m in maps[1:]]
+        reference, reference_maps = canvas(h, grid, plans, maps[1:])
+        start, stop = layout.offsets[1], layout.offsets[3] + layout.rows(3)
+        buffer = table[start:stop].clone()
+        shifted = RowLayout(layout.sizes[1:], tuple(o - start for o in layout.offsets[1:]), 2)
+        views = [map_view(buffer, shifted, i) for i in range(3)]
+        fast = canvas.forward_rows(h, plan, buffer, views)
+    torch.testing.assert_close(fast[mask], reference[mask], rtol=1e-5, atol=1e-5)
+    for view, expected in zip(views, reference_maps):
+        torch.testing.assert_close(view, expected, rtol=1e-5, atol=1e-5)
 
 
 def _msda(order: str) -> MSDeformableAttention:
@@ -82,12 +115,11 @@ def test_msda_matches_per_level_grid_sample_reference(order):
     reference = msda_aggregate_reference(module, maps, locations, weights)
     values = module.value_maps(maps)
     torch.testing.assert_close(module.aggregate(values, locations, weights), reference)
-    if order != "sample_first":  # the inference gather path needs every level d-wide
-        torch.testing.assert_close(module.aggregate_gather(h, grid, values), reference)
 
 
-def test_msda_gather_path_matches_in_float32_with_points_outside():
-    """The inference path (one embedding_bag per level) against grid_sample, fp32, 1e-5 relative."""
+def test_msda_rows_path_matches_grid_sample_in_float32_with_points_outside():
+    """The inference path (every head's levels x points x corners as one bag of one embedding_bag over
+    the row table) against the grid_sample reference, fp32, 1e-5 relative."""
     module = _msda("auto").float()
     with torch.no_grad():
         module.sampling_offsets.weight.normal_(0, 3.0)  # many points land outside the maps
@@ -96,8 +128,9 @@ def test_msda_gather_path_matches_in_float32_with_points_outside():
     grid = torch.rand(3, 50, 2) * 2 - 1
     with torch.no_grad():
         values = module.value_maps(maps)
-        fast = module(h, grid, values, fast=True)
-        reference = module(h, grid, values, fast=False)
+        table, _, _, index, plan = _rows_plan(values, grid, torch.ones(3, 50, dtype=torch.bool))
+        fast = module.forward_rows(h, plan, (table, index))
+        reference = module(h, grid, values)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
 

@@ -36,8 +36,10 @@ def pixel_to_grid(queries: torch.Tensor, padded_hw: tuple[int, int]) -> torch.Te
         queries: (..., 2) pixels, xy order. Returns (..., 2) in [-1, 1] for points inside.
     """
     height, width = padded_hw
-    scale = queries.new_tensor([2.0 / width, 2.0 / height])
-    return (2.0 * queries + 1.0) * (scale / 2.0) - 1.0
+    # Per axis with Python scalars: no small tensor is built on the host and copied to the device.
+    x = (2.0 * queries[..., 0] + 1.0) / width - 1.0
+    y = (2.0 * queries[..., 1] + 1.0) / height - 1.0
+    return torch.stack([x, y], -1)
 
 
 def bilinear_corners(grid: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

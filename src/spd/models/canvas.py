@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd.models.rows import QueryRows, bag_sum
 from spd.models.splat import SplatPlan, sample_at
 
 
@@ -25,10 +26,8 @@ class CanvasSublayer(nn.Module):
     Shape:
         forward: h (B, K, d), grid (B, K, 2) normalised, plans (one SplatPlan per level, made once
         per decode call), canvas [L2 (B, d, H/8, W/8), L3 (B, d, H/16, W/16), L4 (B, d, H/32, W/32)]
-        -> (read (B, K, d), the updated canvas list). Canvas maps live in channels-last memory:
-        depthwise convolutions and sampling are many times faster that way on CPU.
-        `fast` (inference, no autograd) runs `_forward_fast`: the same maths in fewer passes over
-        the maps, updating the given maps in place.
+        -> (read (B, K, d), the updated canvas list). `forward_rows` is the inference path: the
+        same maths on one channels-last canvas buffer, in place, with a handful of ops.
     """
 
     def __init__(self, d_model: int) -> None:
@@ -43,15 +42,8 @@ class CanvasSublayer(nn.Module):
         self.read = nn.Linear(3 * d_model, d_model)
 
     def forward(
-        self,
-        h: torch.Tensor,
-        grid: torch.Tensor,
-        plans: list[SplatPlan],
-        canvas: list[torch.Tensor],
-        fast: bool = False,
+        self, h: torch.Tensor, grid: torch.Tensor, plans: list[SplatPlan], canvas: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if fast:
-            return self._forward_fast(h, plans, canvas)
         # 1. Write: soft mean, so empty cells stay unchanged and magnitude does not grow with K.
         written = self.write(h)
         updated = []
@@ -70,29 +62,29 @@ class CanvasSublayer(nn.Module):
         reads = [sample_at(level, grid) * gates[..., i : i + 1] for i, level in enumerate(canvas)]
         return self.read(torch.cat(reads, dim=-1)), canvas
 
-    def _forward_fast(
-        self, h: torch.Tensor, plans: list[SplatPlan], canvas: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """`forward` for inference. The write touches only the queries' cells (`add_soft_mean_`),
-        gates and residuals are updated in place, `level + smooth(level)` is one convolution with
-        1 added to the kernel centre, and the reads are gathers with the read gate folded into the
-        bilinear weights. Modifies the given maps: the caller passes maps it owns."""
-        written = self.write(h)
-        l2, l3, l4 = (plan.add_soft_mean_(level, written) for level, plan in zip(canvas, plans))
+    def forward_rows(
+        self, h: torch.Tensor, plan: QueryRows, canvas: torch.Tensor, maps: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """`forward` for inference, in place on the call's canvas buffer (R_canvas, d), which `maps`
+        (L2, L3, L4 as (B, d, h, w) channels-last) view: the write to all three levels is one
+        `index_add_` of pre-normalised soft-mean weights touching only the queries' cells, gates and
+        residuals update the maps in place, and the gated read of all three levels is one
+        `embedding_bag`. -> read (B, K, d)."""
+        batch, num_queries, d_model = h.shape
+        written = self.write(h).view(batch, num_queries, 1, 1, d_model)
+        contributions = (written * plan.soft_beta).view(-1, d_model)  # (B*K*3*4, d)
+        if contributions.dtype != canvas.dtype:
+            contributions = contributions.to(canvas.dtype)
+        canvas.index_add_(0, plan.canvas_rows, contributions)
+        l2, l3, l4 = maps
         l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)
         gate = self.gate_l4_to_l3_fine(l3).add_(self.gate_l4_to_l3_coarse(l4_up)).sigmoid_()
-        l3 = l3.addcmul_(gate, l4_up)
+        l3.addcmul_(gate, l4_up)
         l3_up = F.interpolate(l3, size=l2.shape[-2:], mode="bilinear", align_corners=False)
         gate = self.gate_l3_to_l2_fine(l2).add_(self.gate_l3_to_l2_coarse(l3_up)).sigmoid_()
-        l2 = l2.addcmul_(gate, l3_up)
-        canvas = [_depthwise_plus_identity(level, smooth) for level, smooth in zip((l2, l3, l4), self.smooth)]
-        gates = torch.sigmoid(self.read_gate(h))  # (B, K, 3)
-        reads = [plan.read(level, gates[..., i]) for i, (level, plan) in enumerate(zip(canvas, plans))]
-        return self.read(torch.cat(reads, dim=-1)), canvas
-
-
-def _depthwise_plus_identity(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """x + conv(x) for a depthwise 3x3 conv, as one convolution (identity = 1 at the kernel centre)."""
-    weight = conv.weight.clone()
-    weight[:, :, 1, 1] += 1.0
-    return F.conv2d(x, weight, conv.bias, padding=1, groups=conv.groups).contiguous(memory_format=torch.channels_last)
+        l2.addcmul_(gate, l3_up)
+        for level, smooth in zip(maps, self.smooth):
+            level.add_(smooth(level))  # the conv reads all of `level` before add_ writes it
+        gates = torch.sigmoid(self.read_gate(h)).view(batch, num_queries, 3, 1)
+        reads = bag_sum(canvas, plan.canvas_rows, (plan.beta * gates).view(-1), plan.starts4_canvas)  # (B*K*3, d)
+        return self.read(reads.view(batch, num_queries, 3 * d_model))

@@ -8,13 +8,14 @@ from torch import nn
 from spd.models.canvas import CanvasSublayer
 from spd.models.feedforward import FeedForward
 from spd.models.query_self_attn import QuerySelfAttention
+from spd.models.rows import QueryRows
 from spd.models.splat import SplatPlan
 
 
 class DecoderLayer(nn.Module):
     """Args:
         cross_attention: `MSDeformableAttention` (local, multi-scale) or `GlobalCrossAttention`
-            (B3b, all L4 tokens); both are called as `(h, grid, memory, fast)`.
+            (B3b, all L4 tokens); both are called as `(h, grid, memory)` and `forward_rows(h, plan, memory)`.
         d_model: query width d.
         n_heads: heads of the optional query self-attention.
         ffn_dim: feed-forward hidden width.
@@ -22,8 +23,8 @@ class DecoderLayer(nn.Module):
 
     Shape:
         forward: h (B, K, d), grid (B, K, 2) normalised, mask (B, K), canvas [3 maps], splat plans,
-        memory (what the cross-attention reads: MSDA's four value maps, or B3b's (keys, values));
-        `fast` selects the inference paths (no autograd) -> (h (B, K, d), canvas).
+        memory (what the cross-attention reads: MSDA's four value maps, or B3b's (keys, values))
+        -> (h (B, K, d), canvas). `forward_rows`: the inference path on the row table.
     """
 
     def __init__(
@@ -47,12 +48,28 @@ class DecoderLayer(nn.Module):
         canvas: list[torch.Tensor],
         plans: list[SplatPlan],
         memory,
-        fast: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        h = h + self.cross(self.norm_cross(h), grid, memory, fast=fast)
-        read, canvas = self.canvas(self.norm_canvas(h), grid, plans, canvas, fast=fast)
+        h = h + self.cross(self.norm_cross(h), grid, memory)
+        read, canvas = self.canvas(self.norm_canvas(h), grid, plans, canvas)
         h = h + read
+        return self._query_sublayers(h, mask), canvas
+
+    def forward_rows(
+        self,
+        h: torch.Tensor,
+        plan: QueryRows,
+        canvas: torch.Tensor,
+        canvas_maps: list[torch.Tensor],
+        mask: torch.Tensor,
+        memory,
+    ) -> torch.Tensor:
+        """`forward` for inference on the row table: `plan` is the call's `QueryRows`, `canvas` the
+        (R_canvas, d) buffer that `canvas_maps` view, updated in place. -> h (B, K, d)."""
+        h = h + self.cross.forward_rows(self.norm_cross(h), plan, memory)
+        h = h + self.canvas.forward_rows(self.norm_canvas(h), plan, canvas, canvas_maps)
+        return self._query_sublayers(h, mask)
+
+    def _query_sublayers(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.q2q is not None:
             h = h + self.q2q(self.norm_q2q(h), mask)
-        h = h + self.ffn(self.norm_ffn(h))
-        return h, canvas
+        return h + self.ffn(self.norm_ffn(h))

@@ -36,9 +36,8 @@ class GlobalKeyValues(nn.Module):
 class GlobalCrossAttention(nn.Module):
     """Q = Linear(d -> d)(h); K/V are the per-head L4 projections made once per image (GlobalKeyValues).
 
-    Shares the decoder's cross-attention interface `(h, grid, memory, fast)` with
-    `MSDeformableAttention`; attending to every token, it needs neither the query positions nor a
-    fast path.
+    Shares the decoder's cross-attention interface (`forward(h, grid, memory)`, `forward_rows(h, plan,
+    memory)`) with `MSDeformableAttention`; attending to every token, it needs no query positions.
 
     Shape:
         forward: h (B, K, d), memory = (keys, values) each (B, heads, N_L4, d_head) -> (B, K, d).
@@ -50,7 +49,11 @@ class GlobalCrossAttention(nn.Module):
         self.query_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, h: torch.Tensor, grid: torch.Tensor, memory: KeyValues, fast: bool = False) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, grid: torch.Tensor, memory: KeyValues) -> torch.Tensor:
+        return self.forward_rows(h, None, memory)
+
+    def forward_rows(self, h: torch.Tensor, plan, memory: KeyValues) -> torch.Tensor:
+        """The same maths on either path: every query attends to every L4 token."""
         keys, values = memory
         batch, num_queries, d_model = h.shape
         query = self.query_proj(h).view(batch, num_queries, self.n_heads, -1).transpose(1, 2)  # (B, H, K, dh)

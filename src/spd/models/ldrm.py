@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spd.config import check_ldrm_patch
-from spd.geometry.coords import bilinear_corners_at_cells
 from spd.geometry.windows import gather_windows
-from spd.models.splat import channels_last_rows, weighted_gather
+from spd.models.splat import channels_last_rows
 
 L1_STRIDE = 4
 
@@ -40,8 +39,13 @@ class LocalRefinement(nn.Module):
     def __init__(self, in_dim: int, mid_dim: int, out_dim: int, patch: int = 7) -> None:
         super().__init__()
         check_ldrm_patch(patch)
-        # The fast path's constant x2 upsampling matrices of a 4x4 window (see `_fast_local_feat`).
+        # The fast path's constants (see `_fast_local_feat`): the x2 upsampling matrices of its windows,
+        # the 5 x 5 cell offsets it gathers, and (1, 2) to code a per-axis choice as 2 * y + x.
+        self.register_buffer("windows_14", _windows_14(), persistent=False)
         self.register_buffer("windows_28", _windows_28(), persistent=False)
+        steps = torch.arange(5)
+        self.register_buffer("window_cells", torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1), persistent=False)
+        self.register_buffer("axis_code", torch.tensor([1, 2]), persistent=False)
         self.patch = patch
         self.conv_mid = nn.Conv2d(in_dim, mid_dim, kernel_size=3, padding=1)
         self.conv_residual = nn.Conv2d(in_dim, mid_dim, kernel_size=1)
@@ -84,42 +88,38 @@ class LocalRefinement(nn.Module):
         Index bookkeeping, per axis, with c = P//2 and the query at x = 4c + f + a (f in {0..3}, a in [0, 1)):
         bilinear sampling needs feat_28[4c+f : 4c+f+2]; its 3x3 conv needs up_28[4c+f-1 : 4c+f+3]; those
         come from four feat_14 values starting at 2c-1+s (s = f >= 2); the 3x3 conv there needs
-        up_14[2c-2+s : 2c+4+s], interpolated from cells [c-2, c+2]. Within these windows every
+        up_14[2c-2+s : 2c+4+s], interpolated from the five cells [c-2, c+2]. Within these windows every
         bilinear source coordinate is interior (no edge clamping), so window maths equals patch maths.
 
-        Layout: windows are channels-last, (N, y, x, C): up_14 is gathered straight from L1's rows
-        (a weighted `embedding_bag`) and the second x2 upsampling is one batched matmul with the
-        (2D) bilinear matrix picked by the window's start.
+        Both x2 upsamplings are one batched matmul each with constant matrices picked by the window's
+        start (`windows_14`, `windows_28`); the 5x5 cells are gathered from L1's channels-last rows
+        with integer indices (zeros outside the map, as the patch gather). Shape: (B, K, ...) -> (B*K, D).
         """
-        center = self.patch // 2
-        position = offset_px - 4 * center  # (B, K, 2) in [0, 4): position inside the central cell
-        f = position.floor().clamp(0, 3).long().reshape(-1, 2)  # (N, 2) x, y
-        s = (f >= 2).long()
-        # up_14[2c-2+s+t] (t = 0..5) is bilinear x2 upsampling of the cells: a bilinear sample of L1
-        # at cell coordinate origin + c - 2 + 0.75 + (s + t) / 2 (zeros outside the map, as the
-        # patch gather), so the 6x6 window is read straight from L1's channels-last rows.
-        steps = torch.arange(6, device=l1.device, dtype=offset_px.dtype) / 2
-        start = (origin + (center - 2)).reshape(-1, 2).to(offset_px.dtype) + 0.75 + s.to(offset_px.dtype) / 2
-        cell_y = (start[:, 1, None] + steps)[:, :, None].expand(-1, 6, 6)  # (N, 6, 6)
-        cell_x = (start[:, 0, None] + steps)[:, None, :].expand(-1, 6, 6)
         batch, channels, height, width = l1.shape
-        corner, corner_weight = bilinear_corners_at_cells(cell_x, cell_y, (height, width))  # (N, 6, 6, 4)
-        image_of_query = torch.arange(batch, device=l1.device).repeat_interleave(origin.shape[1])
-        rows = corner + (image_of_query * (height * width)).view(-1, 1, 1, 1)
-        grid_14 = weighted_gather(channels_last_rows(l1), rows, corner_weight)  # (N, 6, 6, C)
-        n = grid_14.shape[0]
-        feat_14 = F.gelu(F.conv2d(grid_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
-        residual = F.linear(grid_14[:, 1:-1, 1:-1], self.conv_residual.weight.flatten(1), self.conv_residual.bias)
+        n = origin.shape[0] * origin.shape[1]
+        position = offset_px - 4 * (self.patch // 2)  # (B, K, 2) in [0, 4): position inside the central cell
+        f = position.floor().clamp(0, 3)
+        s = f >= 2
+        # The five cells [c-2, c+2] per axis, as rows of L1's channels-last view; zero outside the map.
+        cells = (origin + (self.patch // 2 - 2)).view(-1, 1, 1, 2) + self.window_cells  # (N, 5, 5, 2) x, y
+        x, y = cells.unbind(-1)
+        x_on, y_on = x.clamp(0, width - 1), y.clamp(0, height - 1)
+        image = torch.arange(batch, device=l1.device).repeat_interleave(origin.shape[1]).view(-1, 1, 1)
+        rows = (image * height + y_on) * width + x_on
+        window = channels_last_rows(l1)[rows.view(-1)].view(n, 25, channels)
+        window = window * ((x_on == x) & (y_on == y)).view(n, 25, 1)
+        up_14 = torch.bmm(self.windows_14[(s * self.axis_code).sum(-1).view(-1)].to(window.dtype), window)  # (N, 36, C)
+        up_14 = up_14.view(n, 6, 6, channels)  # up_14[2c-2+s : 2c+4+s] per axis
+        feat_14 = F.gelu(F.conv2d(up_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
+        residual = F.linear(up_14[:, 1:-1, 1:-1], self.conv_residual.weight.flatten(1), self.conv_residual.bias)
         feat_14 = feat_14.permute(0, 2, 3, 1) + residual  # (N, 4, 4, mid): feat_14[2c-1+s : 2c+3+s]
-        windows_28 = self.windows_28.to(grid_14.dtype)  # (4, 16, 16): window start f+1-2s in {1, 2}
-        start = f - 2 * s
-        up_28 = torch.bmm(windows_28[2 * start[:, 1] + start[:, 0]], feat_14.reshape(n, 16, -1))  # up_28[4c+f-1 : 4c+f+3]
-        up_28 = up_28.view(n, 4, 4, -1).permute(0, 3, 1, 2)
-        feat_28 = F.gelu(F.conv2d(up_28, self.conv_out.weight, self.conv_out.bias))  # (N, D, 2, 2)
-        frac = position.reshape(-1, 2) - f.to(position.dtype)  # (N, 2) in [0, 1)
-        ax, ay = frac[:, 0, None], frac[:, 1, None]
-        return ((1 - ay) * ((1 - ax) * feat_28[..., 0, 0] + ax * feat_28[..., 0, 1])
-                + ay * ((1 - ax) * feat_28[..., 1, 0] + ax * feat_28[..., 1, 1]))
+        start = ((f - 2 * s) * self.axis_code).sum(-1).long().view(-1)  # window start f+1-2s in {1, 2} per axis
+        up_28 = torch.bmm(self.windows_28[start].to(feat_14.dtype), feat_14.reshape(n, 16, -1))  # up_28[4c+f-1 : 4c+f+3]
+        feat_28 = F.gelu(F.conv2d(up_28.view(n, 4, 4, -1).permute(0, 3, 1, 2), self.conv_out.weight, self.conv_out.bias))
+        frac = (position - f).view(n, 2)  # (N, 2) in [0, 1): bilinear weights inside feat_28's 2x2 window
+        weight_x, weight_y = torch.stack([1.0 - frac, frac], -1).unbind(1)  # (N, 2) each
+        weight = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).unsqueeze(1)  # (N, 1, 2, 2)
+        return (feat_28 * weight).sum((-2, -1))
 
     @staticmethod
     def _sample(feat: torch.Tensor, position_px: torch.Tensor) -> torch.Tensor:
@@ -151,6 +151,21 @@ def _windows_28() -> torch.Tensor:
     the module, built once instead of in every decode call."""
     up_4 = _upsample_matrix(4)  # (8, 4)
     return _window_pairs(torch.stack([up_4[1:5], up_4[2:6]]))
+
+
+def _windows_14() -> torch.Tensor:
+    """The fast path's first x2 upsampling: up_14[2c-2+s+t] (t = 0..5) from the five cells [c-2, c+2],
+    at source position 0.75 + (s + t) / 2 in those cells (align_corners=False), one 1D map per s,
+    as 2D maps -> (4, 36, 25)."""
+    maps = torch.zeros(2, 6, 5)
+    for s in (0, 1):
+        for t in range(6):
+            source = 0.75 + (s + t) / 2
+            low = int(source)
+            maps[s, t, low] += 1 - (source - low)
+            if source > low:
+                maps[s, t, low + 1] += source - low
+    return _window_pairs(maps)
 
 
 def _window_pairs(windows: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,9 @@ with "auto" / "project_first" it projects the whole L3/L4 maps there (~0.3 GMACs
 480x640 for all three layers, ~1 % of the encoder), so no decode call pays for projection at any K;
 "sample_first" keeps the raw maps and projects the K*H*P samples in every call (the reference).
 
-Two aggregation paths give the same numbers: `aggregate` (per-level `F.grid_sample`, any values,
-differentiable; training and the reference) and `aggregate_gather` (inference: each head's
-levels x points x 4 corners as one weighted `embedding_bag` over channels-last rows, ~10x faster
-on CPU).
+Two paths give the same numbers: `forward` (per-level `F.grid_sample` in `aggregate`, any values,
+differentiable; training and the reference) and `forward_rows` (inference: each head's levels x
+points x 4 corners as one bag of one weighted `embedding_bag` over the row table).
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.geometry.coords import bilinear_corners_at_cells
-from spd.models.splat import channels_last_rows, weighted_gather
+from spd.models.rows import LevelIndex, QueryRows, bag_sum, corner_rows
 
 ValueProjOrder = Literal["auto", "project_first", "sample_first"]
 
@@ -115,7 +113,7 @@ class MSDeformableAttention(nn.Module):
         # Sampling positions and the softmax stay fp32 under autocast: a bf16 offset would move a
         # sample by up to ~0.4 % of its distance, and these two projections are tiny.
         with torch.autocast(h.device.type, enabled=False):
-            h = h.float()
+            h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
             offsets = self.sampling_offsets(h).view(batch, num_queries, heads, levels, points, 2)
             weights = self.attention_weights(h).view(batch, num_queries, heads, levels * points).softmax(-1)
         return offsets, weights.view(batch, num_queries, heads, levels, points)
@@ -164,43 +162,27 @@ class MSDeformableAttention(nn.Module):
             out = contribution if out is None else out + contribution
         return out.permute(0, 3, 1, 2).reshape(batch, num_queries, self.d_model)
 
-    def aggregate_gather(self, h: torch.Tensor, grid: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
-        """`sampling` + `aggregate` for d-channel channels-last values (every level projected or
-        identity), the inference path. All levels' corners are computed in one batch of ops, in
-        each level's cell coordinates (query cell + offset, the same point as `sampling`'s), then
-        one `weighted_gather` per level: row `(cell * H + head)` of the (B*h*w*H, d_head) view of a
-        channels-last map holds head `head`'s channels of that cell. Returns (B, K, d) before
-        output_proj.
-        """
-        batch, num_queries, _ = h.shape
-        heads, levels = self.n_heads, self.n_levels
-        head_dim = self.d_model // heads
-        offsets, weights = self._offsets_and_weights(h)
-        weights = weights.permute(3, 0, 1, 2, 4)  # (L, B, K, H, P)
-        sizes = torch.tensor([v.shape[-2:] for v in values], device=h.device)  # (L, 2) = (h_l, w_l)
-        extent = sizes.flip(-1).to(h.dtype).view(levels, 1, 1, 2)  # (L, 1, 1, 2) = (w_l, h_l)
-        query_cells = ((grid + 1.0) * extent - 1.0) / 2.0  # (L, B, K, 2): cell centres at integers
-        cells = query_cells[:, :, :, None, None, :] + offsets.permute(3, 0, 1, 2, 4, 5)  # (L, B, K, H, P, 2)
-        level_h, level_w = (sizes[:, i].view(levels, 1, 1, 1, 1, 1) for i in (0, 1))  # vs (L, B, K, H, P, 4)
-        corner, corner_weight = bilinear_corners_at_cells(cells[..., 0], cells[..., 1], (level_h, level_w))
-        image = torch.arange(batch, device=h.device).view(1, batch, 1, 1, 1, 1)
-        head = torch.arange(heads, device=h.device).view(1, 1, 1, heads, 1, 1)
-        rows = ((corner + image * (level_h * level_w)) * heads + head).flatten(-2)  # (L, B, K, H, P*4)
-        weight = (corner_weight * weights[..., None]).flatten(-2)
-        out = None
-        for level, value in enumerate(values):
-            sampled = weighted_gather(channels_last_rows(value).view(-1, head_dim), rows[level], weight[level])
-            out = sampled if out is None else out + sampled  # (B, K, H, d_head)
-        return out.reshape(batch, num_queries, self.d_model)
-
-    def forward(
-        self, h: torch.Tensor, grid: torch.Tensor, values: list[torch.Tensor], fast: bool = False
-    ) -> torch.Tensor:
-        """`fast` picks `aggregate_gather` (inference); it needs every level's values d-wide."""
-        if fast and not self.samples_raw_maps:
-            return self.output_proj(self.aggregate_gather(h, grid, values))
+    def forward(self, h: torch.Tensor, grid: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+        """The reference path (any values, differentiable)."""
         locations, weights = self.sampling(h, grid, [tuple(m.shape[-2:]) for m in values])
         return self.output_proj(self.aggregate(values, locations, weights))
+
+    def forward_rows(self, h: torch.Tensor, plan: QueryRows, memory: tuple[torch.Tensor, LevelIndex]) -> torch.Tensor:
+        """`forward` for inference on the row table, where this layer's four d-wide value maps live
+        (`memory` = (table (R, d), their LevelIndex)). Every head's levels x points x 4 corners are one
+        bag of one `embedding_bag`: row `r * heads + head` of the (R * heads, d_head) view of the table
+        holds head `head`'s channels of table row r. Sample points are the query's own cell on each
+        level (`plan.cells`, the same point as `sampling`'s) plus the predicted offsets.
+        h (B, K, d) -> (B, K, d)."""
+        table, index = memory
+        batch, num_queries, _ = h.shape
+        heads = self.n_heads
+        offsets, weights = self._offsets_and_weights(h)  # (B, K, H, L, P, 2), (B, K, H, L, P)
+        rows, corner_weight = corner_rows(plan.cells + offsets, index)  # (B, K, H, L, P, 4)
+        bags = (rows * heads + index.head).view(-1)  # bags of L*P*4 per (query, head), flat
+        weight = (corner_weight * weights.unsqueeze(-1)).view(-1)
+        sampled = bag_sum(table.view(-1, self.d_model // heads), bags, weight, plan.starts_msda)  # (B*K*H, d_head)
+        return self.output_proj(sampled.view(batch, num_queries, self.d_model))
 
 
 def msda_aggregate_reference(

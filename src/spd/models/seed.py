@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from spd.models.splat import SplatPlan, sample_at
+from spd.models.rows import QueryRows, bag_sum
+from spd.models.splat import sample_at
 
 
 def fourier_encoding(positions: torch.Tensor, num_freqs: int) -> torch.Tensor:
@@ -25,8 +26,8 @@ class QuerySeed(nn.Module):
     """h0 = LN(Linear([L1; L2; proj_L3; proj_L4 sampled at the query; Fourier(pos)])).
 
     Shape:
-        forward: four d-channel maps, grid (B, K, 2) normalised, positions (B, K, 2) in [0, 1],
-        optional `plans` (one per map: read by gathers, the inference path) -> h0 (B, K, d).
+        forward: four d-channel maps, grid (B, K, 2) normalised, positions (B, K, 2) in [0, 1]
+        -> h0 (B, K, d).
     """
 
     def __init__(self, d_model: int, num_freqs: int) -> None:
@@ -35,16 +36,15 @@ class QuerySeed(nn.Module):
         self.proj = nn.Linear(4 * d_model + 4 * num_freqs, d_model)  # 800 -> 192
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(
-        self,
-        maps: list[torch.Tensor],
-        grid: torch.Tensor,
-        positions: torch.Tensor,
-        plans: list[SplatPlan] | None = None,
-    ) -> torch.Tensor:
-        if plans is None:
-            samples = [sample_at(level, grid) for level in maps]
-        else:
-            samples = [plan.read(level) for level, plan in zip(maps, plans, strict=True)]
+    def forward(self, maps: list[torch.Tensor], grid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        samples = [sample_at(level, grid) for level in maps]
         features = torch.cat([*samples, fourier_encoding(positions, self.num_freqs)], dim=-1)
+        return self.norm(self.proj(features))
+
+    def forward_rows(self, table: torch.Tensor, plan: QueryRows, positions: torch.Tensor) -> torch.Tensor:
+        """`forward` for inference: the four levels read with one `embedding_bag` over the row table
+        (padded queries read zeros; nothing reads their seeds). table (R, d) -> h0 (B, K, d)."""
+        batch, num_queries = positions.shape[:2]
+        samples = bag_sum(table, plan.seed_rows, plan.seed_weights, plan.starts4).view(batch, num_queries, -1)  # L1..proj_L4
+        features = torch.cat([samples, fourier_encoding(positions, self.num_freqs)], dim=-1)
         return self.norm(self.proj(features))

@@ -11,7 +11,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from spd.config import ModelConfig
-from spd.geometry.coords import pad_image, pixel_to_grid
+from spd.geometry.coords import pad_image
 from spd.geometry.validation import validate_queries
 from spd.models.decoder import DecoderLayer
 from spd.models.encoder import Encoder
@@ -27,6 +27,7 @@ from spd.models.msda import MSDeformableAttention
 from spd.models.neck import CoarseProjection, L4SelfAttention, Neck
 from spd.models.optim_groups import encoder_decoder_param_groups
 from spd.models.paths import InferencePaths
+from spd.models.rows import RowLayout, build_row_table, level_index, map_view, query_rows
 from spd.models.seed import QuerySeed
 from spd.models.splat import make_splat_plan
 
@@ -94,7 +95,9 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         if not inference:
             return InferencePaths.reference()
         cfg = self.config
-        return InferencePaths(encoder=cfg.encoder_fast, decoder=cfg.decoder_fast, ldrm=cfg.ldrm_fast)
+        # The row-table decoder reads d-wide MSDA value maps; "sample_first" keeps raw L3/L4 maps.
+        decoder = cfg.decoder_fast and cfg.value_proj_order != "sample_first"
+        return InferencePaths(encoder=cfg.encoder_fast, decoder=decoder, ldrm=cfg.ldrm_fast)
 
     def encode(self, images: torch.Tensor, paths: InferencePaths | None = None) -> EncodedFeatures:
         """Runs the encoder, neck and everything else that depends on the image only, once.
@@ -112,10 +115,40 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
             l4 = self.l4_self_attn(l4)
         proj_l3, proj_l4 = self.coarse_proj(l3, l4)
         global_kv = self.global_kv(l4)
-        # The maps decode reads by rows (seed, canvas, LDRM) in channels-last memory, once here.
-        l1, l2, proj_l3, proj_l4 = (m.contiguous(memory_format=torch.channels_last) for m in (l1, l2, proj_l3, proj_l4))
-        msda_values = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
-        return EncodedFeatures(l1, l2, l3, l4, proj_l3, proj_l4, msda_values, global_kv, image_size)
+        # Channels-last: MSDA's value projection then writes rows, as the row table stores them.
+        l1, l2 = (m.contiguous(memory_format=torch.channels_last) for m in (l1, l2))
+        value_maps = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
+        table, layout, seed_views, msda_views, msda_maps = self._row_table([l1, l2, proj_l3, proj_l4], value_maps)
+        device = images.device
+        seed_index = level_index(layout, [0, 1, 2, 3], device)
+        heads = self.config.n_heads
+        msda_index = None if msda_maps is None else [level_index(layout, ids, device, heads) for ids in msda_maps]
+        seed_extent = torch.tensor([[w, h] for h, w in layout.sizes[:4]], dtype=torch.float32).view(4, 1, 2).to(device)
+        return EncodedFeatures(
+            *seed_views[:2], l3, l4, *seed_views[2:], msda_views, global_kv, image_size, table, layout, seed_index, msda_index,
+            query_affine(image_size, (l1.shape[-2] * 4, l1.shape[-1] * 4)).to(device), seed_extent,
+        )
+
+    @staticmethod
+    def _row_table(seed_maps: list[torch.Tensor], value_maps: list[list[torch.Tensor]]):
+        """Every d-wide map decode reads, once, in one row table (see `spd.models.rows`): the seed maps,
+        then each MSDA layer's value maps not already there (identity L1/L2 values are the seed's).
+        Returns the table, its layout, the seed maps and value maps as views into it, and per MSDA
+        layer the table indices of its four maps (None when a layer samples raw, wider maps)."""
+        maps, position = list(seed_maps), {id(m): i for i, m in enumerate(seed_maps)}
+        width = seed_maps[0].shape[1]
+        if any(v.shape[1] != width for values in value_maps for v in values):
+            table, layout, views = build_row_table(maps)
+            return table, layout, views, value_maps, None
+        msda_maps = []
+        for values in value_maps:
+            for value in values:
+                if id(value) not in position:
+                    position[id(value)] = len(maps)
+                    maps.append(value)
+            msda_maps.append([position[id(v)] for v in values])
+        table, layout, views = build_row_table(maps)
+        return table, layout, views[:4], [[views[i] for i in ids] for ids in msda_maps], msda_maps
 
     def decode(
         self,
@@ -143,7 +176,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         fast = self.inference_paths(paths)
         # Padded queries may hold anything (NaN too); park them at pixel 0 so nothing propagates.
         queries = torch.where(mask.unsqueeze(-1), queries, torch.zeros_like(queries))
-        h, canvas = self._decode_layers(features, queries, mask, fast.decoder)
+        h, canvas_l2 = self._decode_layers(features, queries, mask, fast.decoder)
         head_input, feat_patch = h, None
         if self.ldrm is not None:
             local, feat_patch = self.ldrm(features.l1, queries, return_patch=return_aux, fast=fast.ldrm)
@@ -152,30 +185,51 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         if not return_aux:
             return depth
         height, width = features.image_size
-        out = {"depth": depth, "canvas_depth": self.canvas_head(canvas[0])[..., : -(-height // 4), : -(-width // 4)]}
+        out = {"depth": depth, "canvas_depth": self.canvas_head(canvas_l2)[..., : -(-height // 4), : -(-width // 4)]}
         if self.ldrm is not None:
             out["ldrm_patch_depth"] = self.patch_head(h, feat_patch)
         return out
 
     def _decode_layers(
         self, features: EncodedFeatures, queries: torch.Tensor, mask: torch.Tensor, fast: bool
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Seed, then the MSDA and B3b layers over the shared canvas -> (h (B, K, d), final canvas)."""
-        grid = pixel_to_grid(queries, features.padded_size)
-        height, width = features.image_size
-        positions = (queries + 0.5) / queries.new_tensor([width, height])  # (B, K, 2) in [0, 1]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seed, then the MSDA and B3b layers over the shared canvas -> (h (B, K, d), final canvas L2).
+
+        `fast` runs `_decode_layers_rows` (inference); this is the reference: `grid_sample` reads and
+        dense splats, differentiable."""
+        affine = features.query_affine
+        grid = torch.addcmul(affine[1], queries, affine[0])  # (B, K, 2) normalised, as `pixel_to_grid`
+        positions = torch.addcmul(affine[3], queries, affine[2])  # (B, K, 2) in [0, 1]
+        if fast:
+            return self._decode_layers_rows(features, grid, positions, mask)
         seed_maps = [features.l1, features.l2, features.proj_l3, features.proj_l4]
-        # The queries do not move: their bilinear corners on each level are computed once per call.
-        # Plans for L2/L3/L4 serve the canvas; the one for L1 only the gather-reading seed.
-        plans = [make_splat_plan(grid, mask, tuple(level.shape[-2:])) for level in seed_maps]
-        h = self.seed(seed_maps, grid, positions, plans if fast else None)
-        # The canvas starts from the encoder's maps every call; the fast path writes in place, so it
-        # gets its own copy. Channels-last memory: depthwise convs and row gathers are fast that way.
-        canvas = [m.clone() if fast else m for m in seed_maps[1:]]
+        # The queries do not move: their bilinear corners on each canvas level are computed once per call.
+        plans = [make_splat_plan(grid, mask, tuple(level.shape[-2:])) for level in seed_maps[1:]]
+        h = self.seed(seed_maps, grid, positions)
+        canvas = seed_maps[1:]  # re-initialised from the encoder's maps every call
         memories = [*features.msda_values, *features.global_kv]
         for layer, memory in zip([*self.msda_layers, *self.global_layers], memories, strict=True):
-            h, canvas = layer(h, grid, mask, canvas, plans[1:], memory, fast=fast)
-        return h, canvas
+            h, canvas = layer(h, grid, mask, canvas, plans, memory)
+        return h, canvas[0]
+
+    def _decode_layers_rows(
+        self, features: EncodedFeatures, grid: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_decode_layers` for inference on the row table (`spd.models.rows`): every multi-level read
+        one `embedding_bag`, every canvas write one `index_add_`, the canvas one buffer updated in place."""
+        start, stop = features.canvas_rows
+        cfg = self.config
+        msda_bags = (cfg.n_heads, len(features.layout.sizes[:4]) * cfg.n_points * 4)
+        plan = query_rows(grid, mask, features.seed_index, features.seed_extent, start, stop - start, msda_bags)
+        h = self.seed.forward_rows(features.table, plan, positions)
+        canvas = features.table[start:stop].clone()  # this call's canvas: the table's L2 / proj_L3 / proj_L4 rows
+        shifted = RowLayout(features.layout.sizes[1:4], tuple(o - start for o in features.layout.offsets[1:4]),
+                            features.layout.batch)
+        views = [map_view(canvas, shifted, i) for i in range(3)]
+        memories = [*((features.table, index) for index in features.msda_index), *features.global_kv]
+        for layer, memory in zip([*self.msda_layers, *self.global_layers], memories, strict=True):
+            h = layer.forward_rows(h, plan, canvas, views, mask, memory)
+        return h, views[0]
 
     def forward(
         self,
@@ -206,6 +260,16 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", **kwargs) -> "SPD":
         return load_model(model_id, map_location)
+
+
+def query_affine(image_size: tuple[int, int], padded_size: tuple[int, int]) -> torch.Tensor:
+    """(4, 2) float32: pixel (u, v) -> grid coordinate `u * a + b` (`pixel_to_grid`'s
+    (2u + 1) / W_pad - 1) and -> position in [0, 1] `u * c + d` ((u + 0.5) / W), per axis (x, y)."""
+    (height, width), (padded_h, padded_w) = image_size, padded_size
+    return torch.tensor([
+        [2.0 / padded_w, 2.0 / padded_h], [1.0 / padded_w - 1.0, 1.0 / padded_h - 1.0],
+        [1.0 / width, 1.0 / height], [0.5 / width, 0.5 / height],
+    ], dtype=torch.float32)
 
 
 # --- model folders ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Bilinear reads and writes at the queries: `grid_sample` reads, gather-based reads, and the
-splat plans the canvas writes with (DESIGN.md §3 canvas, §6 fast paths)."""
+"""The reference paths' bilinear reads and writes at the queries: `grid_sample` reads and the dense
+splat plans the canvas writes with (DESIGN.md §3 canvas). Differentiable; training runs them. The
+inference paths beside them live in `spd.models.rows`; tests hold the two equal."""
 
 from __future__ import annotations
 
@@ -26,18 +27,6 @@ def channels_last_rows(maps: torch.Tensor) -> torch.Tensor:
     return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
 
 
-def weighted_gather(table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum_j weight[..., j] * table[rows[..., j]] in one `embedding_bag` call: bilinear sampling (four
-    corners) or a whole deformable-attention head (levels x points x corners) without materialising
-    the gathered rows. The fast path beside `F.grid_sample`; tests hold them equal.
-
-    Shape: table (N, C); rows (..., J) long; weight (..., J) -> (..., C).
-    """
-    bags = rows.reshape(-1, rows.shape[-1])
-    out = F.embedding_bag(bags, table, per_sample_weights=weight.reshape(bags.shape).to(table.dtype), mode="sum")
-    return out.view(*rows.shape[:-1], table.shape[-1])
-
-
 @dataclass
 class SplatPlan:
     """Where and how strongly each query reads from and writes into one map: the four bilinear
@@ -46,17 +35,13 @@ class SplatPlan:
 
     Shape:
         index (B, 4K) flat cell indices; beta (B, 4K) weights, 0 for corners outside the map and for
-        masked queries; weight_sum (B, 1, h, w) = the sum of beta per cell; rows (B, K, 4) the
-        corners' rows in `channels_last_rows` of a (B, C, h, w) map; soft_beta (B, K, 4) =
-        beta / (weight_sum of its cell + 1), the canvas soft-mean weights.
+        masked queries; weight_sum (B, 1, h, w) = the sum of beta per cell.
     """
 
     index: torch.Tensor
     beta: torch.Tensor
     size: tuple[int, int]
     weight_sum: torch.Tensor
-    rows: torch.Tensor
-    soft_beta: torch.Tensor
 
     def splat(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of beta * value per cell. values (B, K, C) -> (B, C, h, w) in channels-last memory."""
@@ -67,29 +52,6 @@ class SplatPlan:
         flat.scatter_add_(1, self.index.unsqueeze(-1).expand(-1, -1, channels), contributions)
         return flat.view(batch, height, width, channels).permute(0, 3, 1, 2)  # a view, no copy
 
-    def add_soft_mean_(self, level: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """In place: `level += splat(values) / (weight_sum + 1)`, touching only the written cells.
-
-        The fast path of the canvas write (no dense zero map, division or addition); `level` must be
-        a channels-last (B, C, h, w) map owned by the caller. values (B, K, C). Returns `level`.
-        """
-        if not level.is_contiguous(memory_format=torch.channels_last):
-            raise ValueError("add_soft_mean_ needs a channels-last map (it writes through a row view)")
-        contributions = (values.unsqueeze(2) * self.soft_beta.unsqueeze(-1)).to(level.dtype)  # (B, K, 4, C)
-        channels_last_rows(level).index_add_(0, self.rows.reshape(-1), contributions.reshape(-1, values.shape[-1]))
-        return level
-
-    def read(self, level: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Bilinear samples of a channels-last (B, C, h, w) map at the queries -> (B, K, C), each
-        query's sample multiplied by `scale` (B, K) when given.
-
-        Equals `sample_at(level, grid)` for real queries; masked queries read 0.
-        """
-        beta = self.beta.view(self.rows.shape)
-        if scale is not None:
-            beta = beta * scale.unsqueeze(-1)
-        return weighted_gather(channels_last_rows(level), self.rows, beta)
-
 
 def make_splat_plan(grid: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> SplatPlan:
     """Shape: grid (B, K, 2) normalised, mask (B, K) bool, size (h, w) -> SplatPlan."""
@@ -99,11 +61,7 @@ def make_splat_plan(grid: torch.Tensor, mask: torch.Tensor, size: tuple[int, int
     beta = beta * mask.unsqueeze(-1)
     index, beta = corner_index.view(batch, -1), beta.view(batch, -1)
     weight_sum = beta.new_zeros(batch, height * width).scatter_add_(1, index, beta)
-    soft_beta = beta / (torch.gather(weight_sum, 1, index) + 1.0)
-    rows = corner_index + (torch.arange(batch, device=grid.device) * (height * width)).view(batch, 1, 1)
-    return SplatPlan(
-        index, beta, size, weight_sum.view(batch, 1, height, width), rows, soft_beta.view(batch, num_queries, 4)
-    )
+    return SplatPlan(index, beta, size, weight_sum.view(batch, 1, height, width))
 
 
 def bilinear_splat(

@@ -1,0 +1,174 @@
+"""The inference decoder's memory layout and index maths (DESIGN.md §6 fast paths).
+
+Everything the fast decoder reads by rows lives in one flat (R, d) *row table*, built once per image
+batch by `SPD.encode`: L1, L2, proj_L3, proj_L4 (seed, canvas initialisation, LDRM) and each MSDA
+layer's value maps. Map i occupies rows [offset_i, offset_i + B*h*w), image-major, then cells in
+row-major order, so each map is also a channels-last (B, d, h, w) view of the table. With all maps in
+one table, a bilinear read of any number of levels (or a whole deformable-attention head: levels x
+points x corners) is one weighted `embedding_bag`, and a canvas write to all three levels one
+`index_add_`. The canvas itself is one buffer: a copy of the table's L2 / proj_L3 / proj_L4 rows.
+
+Every constant of the layout (sizes, row offsets, corner patterns) is a device tensor made once per
+image batch, already shaped for its use: a decode call builds nothing on the host and issues only
+the ops of its maths (few, so that a GPU is not bound by kernel launches, and one graph compiles).
+
+`corner_rows` is the bilinear rule of `F.grid_sample` (align_corners=False, zeros outside) written
+for rows: the four cells around a continuous cell position and their weights. The reference paths
+(`grid_sample`, `SplatPlan`) stay beside it; tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each map lives in a row table: `sizes[i]` = (h, w), rows from `offsets[i]`, `batch` images."""
+
+    sizes: tuple[tuple[int, int], ...]
+    offsets: tuple[int, ...]
+    batch: int
+
+    def rows(self, index: int) -> int:
+        height, width = self.sizes[index]
+        return self.batch * height * width
+
+
+def build_row_table(maps: list[torch.Tensor]) -> tuple[torch.Tensor, RowLayout, list[torch.Tensor]]:
+    """One (R, d) table holding every map's cells as rows, and each map again as a (B, d, h, w)
+    channels-last view into it (the views share the table's memory)."""
+    batch, channels = maps[0].shape[:2]
+    rows = [m.permute(0, 2, 3, 1).reshape(-1, channels) for m in maps]  # (B*h*w, d) per map
+    table = torch.cat(rows)
+    sizes = tuple((m.shape[-2], m.shape[-1]) for m in maps)
+    offsets, start = [], 0
+    for part in rows:
+        offsets.append(start)
+        start += part.shape[0]
+    layout = RowLayout(sizes, tuple(offsets), batch)
+    return table, layout, [map_view(table, layout, i) for i in range(len(maps))]
+
+
+def map_view(table: torch.Tensor, layout: RowLayout, index: int) -> torch.Tensor:
+    """Map `index` of the table as a (B, d, h, w) channels-last view."""
+    height, width = layout.sizes[index]
+    start = layout.offsets[index]
+    block = table[start : start + layout.rows(index)]
+    return block.view(layout.batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+@dataclass
+class LevelIndex:
+    """Device constants of L maps in the row table, shaped for `corner_rows` over (..., L, P, 2)
+    positions (P = points per level; P = 1 for a query's own position).
+
+    Shape: max_xy (L, 1, 1, 2) = (w - 1, h - 1) and stride (L, 1, 1, 2) = (1, w), long; base
+    (B, 1, 1, L, 1, 1) long, the table row of cell (0, 0) per image and map; step (4, 2) float, the
+    corners' offsets (0, 0), (1, 0), (0, 1), (1, 1); head (1, 1, H, 1, 1, 1) long = 0..H-1 (MSDA's
+    per-head rows).
+    """
+
+    max_xy: torch.Tensor
+    stride: torch.Tensor
+    base: torch.Tensor
+    step: torch.Tensor
+    head: torch.Tensor
+
+
+def level_index(layout: RowLayout, maps: list[int], device: torch.device, heads: int = 1) -> LevelIndex:
+    """The `LevelIndex` of the layout's maps `maps` (indices into the table)."""
+    sizes = torch.tensor([layout.sizes[i] for i in maps], dtype=torch.long)  # (L, 2) h, w
+    offsets = torch.tensor([layout.offsets[i] for i in maps], dtype=torch.long)
+    base = offsets + torch.arange(layout.batch).view(-1, 1) * (sizes[:, 0] * sizes[:, 1])  # (B, L)
+    stride = torch.stack([torch.ones_like(sizes[:, 1]), sizes[:, 1]], -1)
+    return LevelIndex(
+        max_xy=(sizes.flip(-1) - 1).view(-1, 1, 1, 2).to(device),
+        stride=stride.view(-1, 1, 1, 2).to(device),
+        base=base.view(layout.batch, 1, 1, -1, 1, 1).to(device),
+        step=torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).to(device),
+        head=torch.arange(heads).view(1, 1, -1, 1, 1, 1).to(device),
+    )
+
+
+def corner_rows(cells: torch.Tensor, index: LevelIndex) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four cells that bilinear sampling reads, as table rows.
+
+    Args:
+        cells: (B, K, H, L, P, 2) x, y in cells of each level (cell centres at integers); any
+            leading dims that broadcast against `index.base` (B, 1, 1, L, 1, 1) work.
+
+    Returns rows (..., L, P, 4) long (clamped onto the map) and weights (..., L, P, 4): the bilinear
+    weights (1 - |x - corner| per axis, multiplied) of the corners (x0, y0), (x1, y0), (x0, y1),
+    (x1, y1), 0 for corners outside the map (grid_sample's zeros padding).
+    """
+    cells = cells.unsqueeze(-2)  # (..., 1, 2)
+    corner = cells.floor() + index.step  # (..., 4, 2)
+    on_map = corner.clamp(min=0).minimum(index.max_xy)
+    weight = (1.0 - (cells - corner).abs()).prod(-1) * (on_map == corner).all(-1)  # (..., 4)
+    rows = index.base + (on_map.long() * index.stride).sum(-1)
+    return rows, weight
+
+
+def bag_sum(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[j] * table[rows[j]] over each bag in one `embedding_bag`: any number of bilinear
+    reads at once without materialising the gathered rows.
+
+    Shape: rows, weights (N * J,) flat; starts (N,) = 0, J, 2J, ... (each bag's first entry) -> (N, C).
+    """
+    if weights.dtype != table.dtype:
+        weights = weights.to(table.dtype)
+    return torch.embedding_bag(table, rows, starts, False, 0, False, weights)[0]  # mode 0 = sum
+
+
+def bag_starts(count: int, size: int, device: torch.device) -> torch.Tensor:
+    """`bag_sum`'s starts for `count` bags of `size` entries each."""
+    return torch.arange(0, count * size, size, device=device)
+
+
+@dataclass
+class QueryRows:
+    """The queries' own bilinear footprint on the four seed levels (L1, L2, proj_L3, proj_L4), made
+    once per decode call: the queries do not move.
+
+    Shape:
+        cells (B, K, 1, 4, 1, 2): each query's continuous cell position on each level (MSDA adds its
+            offsets (B, K, H, L, P, 2) to it);
+        seed_rows / seed_weights (B*K*16,): the seed's bilinear reads of the four levels (bags of 4);
+        canvas_rows (B*K*12,), beta (B, K, 3, 4): the canvas levels' corners (rows of the canvas
+            buffer) and bilinear weights (0 for padded queries); the write and the read use both;
+        soft_beta (B, K, 3, 4, 1): the canvas write's weights, beta / (cell's sum + 1);
+        starts4 (B*K*4,), starts4_canvas (B*K*3,), starts_msda (B*K*H,): `bag_sum` starts of bags
+            of 4 (one bilinear read) and of MSDA's per-head bags.
+    """
+
+    cells: torch.Tensor
+    seed_rows: torch.Tensor
+    seed_weights: torch.Tensor
+    canvas_rows: torch.Tensor
+    beta: torch.Tensor
+    soft_beta: torch.Tensor
+    starts4: torch.Tensor
+    starts4_canvas: torch.Tensor
+    starts_msda: torch.Tensor
+
+
+def query_rows(grid: torch.Tensor, mask: torch.Tensor, seed: LevelIndex, extent: torch.Tensor,
+               canvas_start: int, canvas_size: int, msda_bags: tuple[int, int] = (1, 1)) -> QueryRows:
+    """Footprints of (B, K, 2) normalised queries on the seed levels. extent (4, 1, 2) = (w, h) of
+    each level as floats; the canvas buffer holds table rows [canvas_start, canvas_start + canvas_size);
+    msda_bags = (heads, levels * points * 4), the shape of MSDA's bags per query."""
+    batch, num_queries = grid.shape[:2]
+    cells = ((grid.view(batch, num_queries, 1, 1, 1, 2) + 1.0) * extent - 1.0) / 2.0  # (B, K, 1, 4, 1, 2)
+    rows, beta = corner_rows(cells, seed)  # (B, K, 1, 4, 1, 4)
+    beta = beta.view(batch, num_queries, 4, 4) * mask.view(batch, num_queries, 1, 1)
+    canvas_rows = (rows.view(batch, num_queries, 4, 4)[:, :, 1:] - canvas_start).reshape(-1)  # (B*K*3*4,)
+    beta_canvas = beta[:, :, 1:]
+    weight_sum = beta.new_zeros(canvas_size).index_add_(0, canvas_rows, beta_canvas.reshape(-1))
+    soft_beta = beta_canvas / (weight_sum[canvas_rows].view(beta_canvas.shape) + 1.0)
+    starts4 = bag_starts(batch * num_queries * 4, 4, grid.device)
+    heads, bag = msda_bags
+    return QueryRows(cells, rows.view(-1), beta.view(-1), canvas_rows, beta_canvas, soft_beta.unsqueeze(-1), starts4,
+                     starts4[: batch * num_queries * 3], bag_starts(batch * num_queries * heads, bag, grid.device))

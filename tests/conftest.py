@@ -40,3 +40,13 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")),
 ]
+
+
+@pytest.fixture
+def no_tf32():
+    """Full fp32 convolutions and matmuls on CUDA (cuDNN convolutions default to TF32, ~1e-3 relative),
+    so that fast-vs-reference comparisons test the maths, not the precision mode."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

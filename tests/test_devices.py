@@ -28,7 +28,7 @@ def _tiny(device: str, spread: float = 0.3):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fast_paths_match_reference_paths(device):
+def test_fast_paths_match_reference_paths(device, no_tf32):
     model = _tiny(device)
     images = torch.randn(2, 3, 70, 101, device=device)
     queries = torch.rand(2, 37, 2, device=device) * torch.tensor([100.0, 69.0], device=device) - 0.25
@@ -41,7 +41,7 @@ def test_fast_paths_match_reference_paths(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_decode_is_one_graph_per_bucket_and_equals_eager(device):
+def test_compiled_decode_is_one_graph_per_bucket_and_equals_eager(device, no_tf32):
     """Two K values of one bucket (10 and 13 -> 16): compiled once with fullgraph=True (CUDA graphs
     on CUDA), no recompile for the second, and the same depths as the eager predictor."""
     # Milder random weights than the fast-path test: compiled kernels (other GEMMs, fused index maths)
@@ -62,7 +62,7 @@ def test_compiled_decode_is_one_graph_per_bucket_and_equals_eager(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bucket_padding_is_exact(device):
+def test_bucket_padding_is_exact(device, no_tf32):
     """Padding a chunk with masked queries up to its bucket changes no real query's depth."""
     model = _tiny(device)
     exact = spd.Predictor(model, device)

@@ -182,9 +182,10 @@ def test_ldrm_fast_path_matches_full_patch(patch, dtype):
     ldrm = LocalRefinement(in_dim=8, mid_dim=6, out_dim=5, patch=patch).to(dtype)
     l1 = torch.randn(2, 8, 12, 16, dtype=dtype)  # a 48 x 64 image
     queries = torch.rand(2, 40, 2, dtype=dtype) * torch.tensor([64.0, 48.0], dtype=dtype) - 0.5  # borders too
+    table, layout, (l1_view,) = build_row_table([l1])
     with torch.no_grad():
-        full, _ = ldrm(l1, queries, fast=False)
-        fast, _ = ldrm(l1.contiguous(memory_format=torch.channels_last), queries, fast=True)
+        full, _ = ldrm(l1, queries)
+        fast, _ = ldrm(l1_view, queries, rows=(table, level_index(layout, [0], l1.device)))
     atol = 1e-10 if dtype == torch.float64 else 1e-5 * float(full.abs().max())
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=atol)
 

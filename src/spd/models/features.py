@@ -43,6 +43,7 @@ class EncodedFeatures:
     msda_index: list[LevelIndex] | None
     query_affine: torch.Tensor  # (4, 2): rows grid scale, grid shift, position scale, position shift (x, y)
     seed_extent: torch.Tensor  # (4, 1, 2) float: (w, h) of L1, L2, L3, L4 in cells
+    l1_index: LevelIndex  # L1 alone (LDRM's receptive-field reads)
 
     @property
     def batch_size(self) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 
 from spd.config import check_ldrm_patch
 from spd.geometry.windows import gather_windows
-from spd.models.splat import channels_last_rows
+from spd.models.rows import LevelIndex, bag_starts, bag_sum, corner_rows
 
 L1_STRIDE = 4
 
@@ -39,12 +39,11 @@ class LocalRefinement(nn.Module):
     def __init__(self, in_dim: int, mid_dim: int, out_dim: int, patch: int = 7) -> None:
         super().__init__()
         check_ldrm_patch(patch)
-        # The fast path's constants (see `_fast_local_feat`): the x2 upsampling matrices of its windows,
-        # the 5 x 5 cell offsets it gathers, and (1, 2) to code a per-axis choice as 2 * y + x.
-        self.register_buffer("windows_14", _windows_14(), persistent=False)
+        # The fast path's constants (see `_fast_local_feat`): the second x2 upsampling's matrices, the
+        # 6 x 6 half-cell steps of the first one's samples, and (1, 2) to code a per-axis choice as 2y + x.
         self.register_buffer("windows_28", _windows_28(), persistent=False)
-        steps = torch.arange(5)
-        self.register_buffer("window_cells", torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1), persistent=False)
+        steps = torch.arange(6) / 2
+        self.register_buffer("window_steps", torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1), persistent=False)
         self.register_buffer("axis_code", torch.tensor([1, 2]), persistent=False)
         self.patch = patch
         self.conv_mid = nn.Conv2d(in_dim, mid_dim, kernel_size=3, padding=1)
@@ -69,20 +68,28 @@ class LocalRefinement(nn.Module):
         return F.gelu(self.conv_out(_upsample2(feat_14)))
 
     def forward(
-        self, l1: torch.Tensor, queries: torch.Tensor, return_patch: bool = False, fast: bool = True
+        self,
+        l1: torch.Tensor,
+        queries: torch.Tensor,
+        return_patch: bool = False,
+        rows: tuple[torch.Tensor, LevelIndex] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`rows` = (row table, L1's LevelIndex in it) selects the receptive-field fast path
+        (inference; not with `return_patch`, which needs the whole feat_28)."""
         batch, num_queries, _ = queries.shape
         origin = self.patch_origin(queries)
         offset_px = queries - (origin * L1_STRIDE).to(queries.dtype)  # (B, K, 2), in [4c, 4c+4)
-        if return_patch or not fast:
+        if return_patch or rows is None:
             patches = self.gather_patch_cells(l1, origin, self.patch)
             feat = self.full_patch(patches)  # (B*K, D, 4P, 4P)
             local = self._sample(feat, offset_px)
             feat_patch = feat.view(batch, num_queries, *feat.shape[1:]) if return_patch else None
             return local.view(batch, num_queries, -1), feat_patch
-        return self._fast_local_feat(l1, origin, offset_px).view(batch, num_queries, -1), None
+        return self._fast_local_feat(*rows, origin, offset_px).view(batch, num_queries, -1), None
 
-    def _fast_local_feat(self, l1: torch.Tensor, origin: torch.Tensor, offset_px: torch.Tensor) -> torch.Tensor:
+    def _fast_local_feat(
+        self, table: torch.Tensor, l1_index: LevelIndex, origin: torch.Tensor, offset_px: torch.Tensor
+    ) -> torch.Tensor:
         """Exact `local_feat` from its receptive field only (~3 M instead of ~58 M MACs per query at v15).
 
         Index bookkeeping, per axis, with c = P//2 and the query at x = 4c + f + a (f in {0..3}, a in [0, 1)):
@@ -91,25 +98,22 @@ class LocalRefinement(nn.Module):
         up_14[2c-2+s : 2c+4+s], interpolated from the five cells [c-2, c+2]. Within these windows every
         bilinear source coordinate is interior (no edge clamping), so window maths equals patch maths.
 
-        Both x2 upsamplings are one batched matmul each with constant matrices picked by the window's
-        start (`windows_14`, `windows_28`); the 5x5 cells are gathered from L1's channels-last rows
-        with integer indices (zeros outside the map, as the patch gather). Shape: (B, K, ...) -> (B*K, D).
+        L1 is read from the row table (`l1_index`: its `LevelIndex`, one level); the second x2
+        upsampling is one batched matmul with the constant matrices `windows_28` picked by the
+        window's start. Shape: (B, K, ...) -> (B*K, D).
         """
-        batch, channels, height, width = l1.shape
         n = origin.shape[0] * origin.shape[1]
         position = offset_px - 4 * (self.patch // 2)  # (B, K, 2) in [0, 4): position inside the central cell
         f = position.floor().clamp(0, 3)
         s = f >= 2
-        # The five cells [c-2, c+2] per axis, as rows of L1's channels-last view; zero outside the map.
-        cells = (origin + (self.patch // 2 - 2)).view(-1, 1, 1, 2) + self.window_cells  # (N, 5, 5, 2) x, y
-        x, y = cells.unbind(-1)
-        x_on, y_on = x.clamp(0, width - 1), y.clamp(0, height - 1)
-        image = torch.arange(batch, device=l1.device).repeat_interleave(origin.shape[1]).view(-1, 1, 1)
-        rows = (image * height + y_on) * width + x_on
-        window = channels_last_rows(l1)[rows.view(-1)].view(n, 25, channels)
-        window = window * ((x_on == x) & (y_on == y)).view(n, 25, 1)
-        up_14 = torch.bmm(self.windows_14[(s * self.axis_code).sum(-1).view(-1)].to(window.dtype), window)  # (N, 36, C)
-        up_14 = up_14.view(n, 6, 6, channels)  # up_14[2c-2+s : 2c+4+s] per axis
+        # up_14[2c-2+s+t] (t = 0..5) is bilinear x2 upsampling of the cells: a bilinear sample of L1
+        # at cell coordinate origin + c - 2 + 0.75 + (s + t) / 2 (zeros outside the map, as the
+        # patch gather), so the 6x6 window is one embedding_bag over L1's rows of the row table.
+        start = origin + (self.patch // 2 - 2 + 0.75) + 0.5 * s  # (B, K, 2) cells
+        cells = start.view(*start.shape[:2], 1, 1, 1, 2) + self.window_steps  # (B, K, 1, 6, 6, 2)
+        rows, weight = corner_rows(cells, l1_index)  # (B, K, 1, 6, 6, 4)
+        up_14 = bag_sum(table, rows.view(-1), weight.view(-1), bag_starts(n * 36, 4, table.device))
+        up_14 = up_14.view(n, 6, 6, -1)  # up_14[2c-2+s : 2c+4+s] per axis, channels last
         feat_14 = F.gelu(F.conv2d(up_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
         residual = F.linear(up_14[:, 1:-1, 1:-1], self.conv_residual.weight.flatten(1), self.conv_residual.bias)
         feat_14 = feat_14.permute(0, 2, 3, 1) + residual  # (N, 4, 4, mid): feat_14[2c-1+s : 2c+3+s]
@@ -151,21 +155,6 @@ def _windows_28() -> torch.Tensor:
     the module, built once instead of in every decode call."""
     up_4 = _upsample_matrix(4)  # (8, 4)
     return _window_pairs(torch.stack([up_4[1:5], up_4[2:6]]))
-
-
-def _windows_14() -> torch.Tensor:
-    """The fast path's first x2 upsampling: up_14[2c-2+s+t] (t = 0..5) from the five cells [c-2, c+2],
-    at source position 0.75 + (s + t) / 2 in those cells (align_corners=False), one 1D map per s,
-    as 2D maps -> (4, 36, 25)."""
-    maps = torch.zeros(2, 6, 5)
-    for s in (0, 1):
-        for t in range(6):
-            source = 0.75 + (s + t) / 2
-            low = int(source)
-            maps[s, t, low] += 1 - (source - low)
-            if source > low:
-                maps[s, t, low + 1] += source - low
-    return _window_pairs(maps)
 
 
 def _window_pairs(windows: torch.Tensor) -> torch.Tensor:

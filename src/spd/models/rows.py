@@ -65,16 +65,17 @@ class LevelIndex:
     """Device constants of L maps in the row table, shaped for `corner_rows` over (..., L, P, 2)
     positions (P = points per level; P = 1 for a query's own position).
 
-    Shape: max_xy (L, 1, 1, 2) = (w - 1, h - 1) and stride (L, 1, 1, 2) = (1, w), long; base
+    Shape: max_xy (L, 1, 1, 2) = (w - 1, h - 1) and stride (L, 1, 1, 2) = (1, w), float; base
     (B, 1, 1, L, 1, 1) long, the table row of cell (0, 0) per image and map; step (4, 2) float, the
-    corners' offsets (0, 0), (1, 0), (0, 1), (1, 1); head (1, 1, H, 1, 1, 1) long = 0..H-1 (MSDA's
-    per-head rows).
+    corners' offsets (0, 0), (1, 0), (0, 1), (1, 1), and upper = step > 0; head (1, 1, H, 1, 1, 1)
+    long = 0..H-1 (MSDA's per-head rows).
     """
 
     max_xy: torch.Tensor
     stride: torch.Tensor
     base: torch.Tensor
     step: torch.Tensor
+    upper: torch.Tensor
     head: torch.Tensor
 
 
@@ -84,11 +85,13 @@ def level_index(layout: RowLayout, maps: list[int], device: torch.device, heads:
     offsets = torch.tensor([layout.offsets[i] for i in maps], dtype=torch.long)
     base = offsets + torch.arange(layout.batch).view(-1, 1) * (sizes[:, 0] * sizes[:, 1])  # (B, L)
     stride = torch.stack([torch.ones_like(sizes[:, 1]), sizes[:, 1]], -1)
+    step = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     return LevelIndex(
-        max_xy=(sizes.flip(-1) - 1).view(-1, 1, 1, 2).to(device),
-        stride=stride.view(-1, 1, 1, 2).to(device),
+        max_xy=(sizes.flip(-1) - 1).view(-1, 1, 1, 2).float().to(device),
+        stride=stride.view(-1, 1, 1, 2).float().to(device),
         base=base.view(layout.batch, 1, 1, -1, 1, 1).to(device),
-        step=torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).to(device),
+        step=step.to(device),
+        upper=(step > 0).to(device),
         head=torch.arange(heads).view(1, 1, -1, 1, 1, 1).to(device),
     )
 
@@ -105,10 +108,13 @@ def corner_rows(cells: torch.Tensor, index: LevelIndex) -> tuple[torch.Tensor, t
     (x1, y1), 0 for corners outside the map (grid_sample's zeros padding).
     """
     cells = cells.unsqueeze(-2)  # (..., 1, 2)
-    corner = cells.floor() + index.step  # (..., 4, 2)
+    lower = cells.floor()
+    frac = cells - lower
+    corner = lower + index.step  # (..., 4, 2)
     on_map = corner.clamp(min=0).minimum(index.max_xy)
-    weight = (1.0 - (cells - corner).abs()).prod(-1) * (on_map == corner).all(-1)  # (..., 4)
-    rows = index.base + (on_map.long() * index.stride).sum(-1)
+    weight = torch.where(index.upper, frac, 1.0 - frac).prod(-1) * (on_map == corner).all(-1)  # (..., 4)
+    # Cell indices are small integers, exact in float32 (< 2^24): sum in float, one cast at the end.
+    rows = index.base + (on_map * index.stride).sum(-1).long()
     return rows, weight
 
 

@@ -120,13 +120,13 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         value_maps = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
         table, layout, seed_views, msda_views, msda_maps = self._row_table([l1, l2, proj_l3, proj_l4], value_maps)
         device = images.device
-        seed_index = level_index(layout, [0, 1, 2, 3], device)
+        seed_index, l1_index = level_index(layout, [0, 1, 2, 3], device), level_index(layout, [0], device)
         heads = self.config.n_heads
         msda_index = None if msda_maps is None else [level_index(layout, ids, device, heads) for ids in msda_maps]
         seed_extent = torch.tensor([[w, h] for h, w in layout.sizes[:4]], dtype=torch.float32).view(4, 1, 2).to(device)
         return EncodedFeatures(
             *seed_views[:2], l3, l4, *seed_views[2:], msda_views, global_kv, image_size, table, layout, seed_index, msda_index,
-            query_affine(image_size, (l1.shape[-2] * 4, l1.shape[-1] * 4)).to(device), seed_extent,
+            query_affine(image_size, (l1.shape[-2] * 4, l1.shape[-1] * 4)).to(device), seed_extent, l1_index,
         )
 
     @staticmethod
@@ -179,7 +179,8 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         h, canvas_l2 = self._decode_layers(features, queries, mask, fast.decoder)
         head_input, feat_patch = h, None
         if self.ldrm is not None:
-            local, feat_patch = self.ldrm(features.l1, queries, return_patch=return_aux, fast=fast.ldrm)
+            rows = (features.table, features.l1_index) if fast.ldrm else None
+            local, feat_patch = self.ldrm(features.l1, queries, return_patch=return_aux, rows=rows)
             head_input = torch.cat([h, local], dim=-1)
         depth = self.head(head_input) * mask  # padded entries are 0
         if not return_aux:

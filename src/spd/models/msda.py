@@ -123,6 +123,11 @@ class MSDeformableAttention(nn.Module):
         """True when projected levels stay raw in `value_maps` and are projected after sampling."""
         return self.value_proj_order == "sample_first"
 
+    @property
+    def identity_levels(self) -> tuple[bool, ...]:
+        """Per level: is the value map the input map itself (no projection in `value_maps`)?"""
+        return tuple(not (isinstance(p, nn.Linear) and not self.samples_raw_maps) for p in self.value_proj)
+
     def value_maps(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Once per image: the maps `forward` samples, in channels-last memory (one row per cell)."""
         values = []

@@ -37,11 +37,15 @@ class RowLayout:
         return self.batch * height * width
 
 
-def build_row_table(maps: list[torch.Tensor]) -> tuple[torch.Tensor, RowLayout, list[torch.Tensor]]:
-    """One (R, d) table holding every map's cells as rows, and each map again as a (B, d, h, w)
-    channels-last view into it (the views share the table's memory)."""
+def build_row_table(
+    maps: list[torch.Tensor], dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, RowLayout, list[torch.Tensor]]:
+    """One (R, d) table holding every map's cells as rows (in `dtype`, default the maps' common
+    dtype), and each map again as a (B, d, h, w) channels-last view into it (sharing its memory)."""
     batch, channels = maps[0].shape[:2]
     rows = [m.permute(0, 2, 3, 1).reshape(-1, channels) for m in maps]  # (B*h*w, d) per map
+    if dtype is not None:
+        rows = [r.to(dtype) for r in rows]
     table = torch.cat(rows)
     sizes = tuple((m.shape[-2], m.shape[-1]) for m in maps)
     offsets, start = [], 0

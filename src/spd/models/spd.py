@@ -118,7 +118,11 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         # Channels-last: MSDA's value projection then writes rows, as the row table stores them.
         l1, l2 = (m.contiguous(memory_format=torch.channels_last) for m in (l1, l2))
         value_maps = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
-        table, layout, seed_views, msda_views, msda_maps = self._row_table([l1, l2, proj_l3, proj_l4], value_maps)
+        # Under autocast the maps decode reads are stored in the autocast dtype (bf16): every decode op
+        # then reads half the bytes, and no canvas convolution re-casts its map in every call.
+        device_type = images.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        table, layout, seed_views, msda_views, msda_maps = self._row_table([l1, l2, proj_l3, proj_l4], value_maps, dtype)
         device = images.device
         seed_index, l1_index = level_index(layout, [0, 1, 2, 3], device), level_index(layout, [0], device)
         heads = self.config.n_heads
@@ -129,25 +133,30 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
             query_affine(image_size, (l1.shape[-2] * 4, l1.shape[-1] * 4)).to(device), seed_extent, l1_index,
         )
 
-    @staticmethod
-    def _row_table(seed_maps: list[torch.Tensor], value_maps: list[list[torch.Tensor]]):
+    def _row_table(self, seed_maps: list[torch.Tensor], value_maps: list[list[torch.Tensor]], dtype: torch.dtype | None):
         """Every d-wide map decode reads, once, in one row table (see `spd.models.rows`): the seed maps,
-        then each MSDA layer's value maps not already there (identity L1/L2 values are the seed's).
+        then each MSDA layer's projected value maps; identity value maps are their input maps (L1/L2:
+        the seed's own rows; L3/L4 in the v14-style ablation: added once). Which maps are identities
+        is static (`identity_levels`), so this traces the same under torch.compile.
         Returns the table, its layout, the seed maps and value maps as views into it, and per MSDA
         layer the table indices of its four maps (None when a layer samples raw, wider maps)."""
-        maps, position = list(seed_maps), {id(m): i for i, m in enumerate(seed_maps)}
         width = seed_maps[0].shape[1]
         if any(v.shape[1] != width for values in value_maps for v in values):
-            table, layout, views = build_row_table(maps)
+            table, layout, views = build_row_table(seed_maps, dtype)
             return table, layout, views, value_maps, None
-        msda_maps = []
-        for values in value_maps:
-            for value in values:
-                if id(value) not in position:
-                    position[id(value)] = len(maps)
-                    maps.append(value)
-            msda_maps.append([position[id(v)] for v in values])
-        table, layout, views = build_row_table(maps)
+        maps, shared, msda_maps = list(seed_maps), {0: 0, 1: 1}, []  # identity level -> table index
+        for layer, values in zip(self.msda_layers, value_maps):
+            ids = []
+            for level, (value, identity) in enumerate(zip(values, layer.cross.identity_levels)):
+                if identity and level in shared:
+                    ids.append(shared[level])
+                    continue
+                if identity:
+                    shared[level] = len(maps)
+                ids.append(len(maps))
+                maps.append(value)
+            msda_maps.append(ids)
+        table, layout, views = build_row_table(maps, dtype)
         return table, layout, views[:4], [[views[i] for i in ids] for ids in msda_maps], msda_maps
 
     def decode(

@@ -120,8 +120,10 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         value_maps = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
         # Under autocast the maps decode reads are stored in the autocast dtype (bf16): every decode op
         # then reads half the bytes, and no canvas convolution re-casts its map in every call.
+        # (Inference only: training keeps the maps autocast made, as before.)
         device_type = images.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        low = torch.is_autocast_enabled(device_type) and not torch.is_grad_enabled()
+        dtype = torch.get_autocast_dtype(device_type) if low else None
         table, layout, seed_views, msda_views, msda_maps = self._row_table([l1, l2, proj_l3, proj_l4], value_maps, dtype)
         device = images.device
         seed_index, l1_index = level_index(layout, [0, 1, 2, 3], device), level_index(layout, [0], device)

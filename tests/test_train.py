@@ -94,6 +94,9 @@ def straight_run(tmp_path_factory, synth_root):
 
 
 def _assert_same_run(resumed: Path, reference: Path) -> None:
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert len(train_steps) == len(set(train_steps)), "metrics.jsonl repeats steps after the resume"
     losses, expected = _train_losses(resumed), _train_losses(reference)
     assert sorted(losses) == list(range(1, RESUME_STEPS + 1))
     for step in expected:
@@ -122,7 +125,8 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, synth_roo
     _assert_same_run(run, straight_run)
 
 
-def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, synth_root, straight_run):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_exits_75_and_resume_reproduces_the_run(tmp_path, synth_root, straight_run, stop):
     run = tmp_path / "term"
     command, env = _spd_train(run, synth_root, ["ckpt_every=3"], RESUME_STEPS)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -130,10 +134,11 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_run(tmp_path, syn
     log = run / "metrics.jsonl"
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
-    assert "SIGTERM: saved" in output
+    assert process.returncode == 75, output  # EXIT_PREEMPTED: saved, resumable
+    assert f"{stop.name}: saved" in output
+    assert "Traceback" not in output
     step = load_training_state(run / "checkpoints" / "last")["progress"]["step"]
     assert 2 <= step < RESUME_STEPS
 

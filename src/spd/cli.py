@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+
+from spd.errors import SPDError, UserInputError
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -21,7 +25,64 @@ def _parse_size(text: str) -> tuple[int, int]:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must look like 480x640 (HxW), got {text!r}") from None
+    if height < 32 or width < 32:
+        raise argparse.ArgumentTypeError(f"size must be at least 32x32, got {text!r}")
     return height, width
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _k_list(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(_positive_int(k) for k in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got {text!r}") from None
+    return ks
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N, and present on this machine."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (use cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -43,12 +104,21 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from spd.engine.train import train
+    from spd.errors import EXIT_PREEMPTED
     from spd.train_config import load_config
 
+    from pathlib import Path
+
+    from spd.errors import DataLayoutError
+
     cfg = load_config(args.config, args.set)
+    if not Path(args.data_root).is_dir():  # before the run folder is touched
+        raise DataLayoutError(f"--data-root {args.data_root}: not a folder")
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps
-    result = train(cfg, args.data_root, args.out, resume=args.resume)
+    result = train(cfg, args.data_root, args.out, resume=args.resume, overwrite=args.overwrite)
+    if result["stopped"] == "preempted":
+        return EXIT_PREEMPTED  # saved; a scheduler may requeue the job with --resume
     if result["last_val"] is not None:
         print(f"step {result['step']}: val abs_rel {result['last_val']['abs_rel']:.4f} "
               f"(best {result['best_abs_rel']:.4f}); model folder: {args.out}/checkpoints/best")
@@ -60,7 +130,13 @@ def _load_any_model(spec: str, device: str):
     if spec.startswith("median:"):
         from spd.models.constant import ConstantDepth
 
-        return ConstantDepth(float(spec.split(":", 1)[1]))
+        try:
+            depth = float(spec.split(":", 1)[1])
+        except ValueError:
+            depth = float("nan")
+        if not (math.isfinite(depth) and depth > 0):
+            raise UserInputError(f"--model {spec!r}: median:<metres> needs a positive depth in metres")
+        return ConstantDepth(depth)
     if spec.startswith("baseline:"):
         from spd.models.baseline import load_baseline
 
@@ -82,42 +158,84 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = _load_any_model(args.model, args.device)
     dataset = NYUDepth(root / args.test_dir, filelist, split="test", num_queries=args.k if args.protocol == "sparse" else None,
                        seed=args.seed, eval_crop=args.crop, min_depth=args.min_depth, max_depth=args.max_depth)
-    metrics, acc = evaluate(model, dataset, args.protocol, args.k, args.chunk, args.crop, args.seed,
-                            args.min_depth, args.max_depth, args.device, limit=args.limit)
+    import torch
+
+    device_type = torch.device(args.device).type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    with autocast:
+        metrics, acc = evaluate(model, dataset, args.protocol, args.k, args.chunk, args.crop, args.seed,
+                                args.min_depth, args.max_depth, args.device, limit=args.limit)
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise UserInputError(f"non-finite metrics {metrics}: the model returned NaN or infinite depths; nothing written")
     print(f"{args.protocol} protocol, {acc.count} images ({acc.skipped} without valid GT), crop {args.crop}")
-    print(format_metrics({Path(args.model).name or args.model: metrics}))
+    print(format_metrics({args.model: metrics}))
     if args.out:
-        Path(args.out).write_text(json.dumps({"protocol": args.protocol, "k": args.k, "seed": args.seed, "crop": args.crop,
-                                              "images": acc.count, "metrics": metrics}, indent=2))
+        provenance = {"model": args.model, "weights_sha256": _weights_sha256(args.model), "data_root": str(root),
+                      "test_dir": args.test_dir, "filelist": str(filelist), "protocol": args.protocol, "k": args.k,
+                      "seed": args.seed, "crop": args.crop, "min_depth": args.min_depth, "max_depth": args.max_depth}
+        Path(args.out).write_text(json.dumps({**provenance, "images": acc.count, "metrics": metrics}, indent=2))
     return 0
 
 
+def _weights_sha256(spec: str) -> str | None:
+    """The SHA-256 of the evaluated weights file, when the model is a local folder."""
+    from pathlib import Path
+
+    from spd.models.folder import MODEL_FILE, file_sha256
+
+    folder = Path(spec.split(":", 1)[1] if spec.startswith("baseline:") else spec)
+    weights = folder / MODEL_FILE
+    return file_sha256(weights) if weights.is_file() else None
+
+
 def _read_points(args: argparse.Namespace, height: int, width: int):
+    """The (K, 2) points of `spd predict` from --points, --points-file or --grid; UserInputError
+    naming the problem (the values are checked against the image by the predictor)."""
     import numpy as np
 
-    if args.points:
+    if args.points is not None:
+        pairs = [pair for pair in args.points.split(";") if pair.strip()]
+        if not pairs:
+            raise UserInputError("--points: no points given (use 'u,v;u,v')")
         try:
-            return np.array([[float(x) for x in pair.split(",")] for pair in args.points.split(";") if pair.strip()])
+            points = [[float(x) for x in pair.split(",")] for pair in pairs]
         except ValueError:
-            raise SystemExit(f"--points must look like 'u,v;u,v', got {args.points!r}") from None
-    if args.points_file:
-        rows = []
-        for number, line in enumerate(open(args.points_file).read().splitlines(), start=1):
-            parts = [p.strip() for p in line.replace(";", ",").split(",") if p.strip()]
-            if not parts:
-                continue
-            try:
-                rows.append([float(parts[0]), float(parts[1])])
-            except (ValueError, IndexError):
-                if number == 1:
-                    continue  # a header line such as "u,v"
-                raise SystemExit(f"{args.points_file}: line {number} is not 'u,v': {line!r}") from None
-        return np.array(rows).reshape(-1, 2)
+            raise UserInputError(f"--points must look like 'u,v;u,v', got {args.points!r}") from None
+        if any(len(p) != 2 for p in points):
+            raise UserInputError(f"--points must look like 'u,v;u,v' (two numbers per point), got {args.points!r}")
+        return np.array(points)
+    if args.points_file is not None:
+        return _read_points_file(args.points_file)
     n = args.grid
     u = (np.arange(n) + 0.5) * width / n - 0.5
     v = (np.arange(n) + 0.5) * height / n - 0.5
     uu, vv = np.meshgrid(u, v)
     return np.stack([uu.ravel(), vv.ravel()], -1)
+
+
+def _read_points_file(path: str):
+    import numpy as np
+
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as err:
+        raise UserInputError(f"--points-file {path}: cannot read it ({err.strerror})") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        parts = [p.strip() for p in line.replace(";", ",").split(",") if p.strip()]
+        if not parts:
+            continue
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            rows.append([float(parts[0]), float(parts[1])])
+        except ValueError:
+            if number == 1 and not rows:
+                continue  # a header line such as "u,v"
+            raise UserInputError(f"{path}: line {number} is not 'u,v': {line!r}") from None
+    if not rows:
+        raise UserInputError(f"{path}: no points in the file")
+    return np.array(rows).reshape(-1, 2)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -126,18 +244,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from spd.predictor import Predictor, backproject, image_to_uint8
+    from spd.predictor import Predictor, backproject, check_points, image_to_uint8
 
+    from spd.intrinsics import read_intrinsics
+
+    intrinsics = read_intrinsics(args.intrinsics) if args.intrinsics else None
     rgb = image_to_uint8(args.image)
     points = _read_points(args, *rgb.shape[:2])
-    predictor = Predictor(_load_any_model(args.model, args.device), args.device)
+    check_points(points, *rgb.shape[:2])  # before the model loads: a bad point costs nothing
+    predictor = Predictor(_load_any_model(args.model, args.device), args.device, dtype=args.dtype,
+                          max_side=args.max_side or None)
     depth = predictor.predict(rgb, points)
-    xyz = None
-    if args.intrinsics:
-        intrinsics = [float(v) for v in args.intrinsics.split(",")]
-        if len(intrinsics) != 4:
-            raise SystemExit("--intrinsics needs fx,fy,cx,cy")
-        xyz = backproject(points, depth, intrinsics)
+    if not np.isfinite(depth).all():
+        raise UserInputError(f"the model returned non-finite depths at {int((~np.isfinite(depth)).sum())} points; "
+                             "nothing written (is the model folder trained?)")
+    xyz = backproject(points, depth, intrinsics) if intrinsics is not None else None
     rows = [{"u": float(u), "v": float(v), "depth_m": float(d)} for (u, v), d in zip(points, depth)]
     if xyz is not None:
         for row, (x, y, z) in zip(rows, xyz):
@@ -171,8 +292,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from spd.bench import format_bench, run_bench, save_plot, write_json
 
-    ks = tuple(int(k) for k in args.k.split(","))
-    compile_ks = tuple(int(k) for k in args.compile_decode.split(",")) if args.compile_decode else ()
+    ks, compile_ks = args.k, args.compile_decode or ()
     result = run_bench(args.height, args.width, ks, args.device, tuple(args.dtype.split(",")), args.compile, args.repeat,
                        args.baseline_input, args.channels_last, compile_ks, not args.no_train_step)
     print(format_bench(result))
@@ -183,11 +303,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `spd <command>: error: <message> (see --help)`, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spd",
         description="SPD: metric depth at the K pixels you ask for (encode the image once, decode only the queries).",
     )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors (also SPD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("params", help="per-component parameter table beside the research plan's numbers")
@@ -202,8 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="bundled config name (v15_nyu, v15_tiny_synth) or a YAML path")
     p.add_argument("--data-root", required=True, help="NYU root holding sync/ and official_splits/test/ (or `spd synth` output)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, checkpoints/{last,best}")
-    p.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (a resumed run stops at the same step)")
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="total optimiser steps (a resumed run stops at the same step)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last if it exists")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that already holds a run (deletes it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, dotted keys: --set optim.lr=3e-4 --set model.use_ldrm=false")
     p.set_defaults(func=_cmd_train)
@@ -219,15 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split list (default: <root>/test_files.txt as `spd synth` writes it, else the bundled Eigen test list)")
     p.add_argument("--protocol", choices=["sparse", "dense"], default="sparse",
                    help="sparse: K fixed-seed points per image; dense: every valid pixel of the crop (default sparse)")
-    p.add_argument("--k", type=int, default=256, help="points per image for the sparse protocol (default 256)")
-    p.add_argument("--chunk", type=int, default=256, help="queries per decode call for the dense protocol (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="point sampling / shuffling seed (default 0)")
+    p.add_argument("--k", type=_positive_int, default=256, help="points per image for the sparse protocol (default 256)")
+    p.add_argument("--chunk", type=_positive_int, default=256, help="queries per decode call, dense protocol (default 256)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="point sampling / shuffling seed (default 0)")
     p.add_argument("--crop", choices=["eigen", "garg", "none"], default="eigen", help="evaluation crop (default eigen)")
-    p.add_argument("--min-depth", type=float, default=1e-3, help="eval range lower bound [m] (default 1e-3)")
-    p.add_argument("--max-depth", type=float, default=10.0, help="eval range upper bound [m] (default 10)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    p.add_argument("--min-depth", type=_positive_float, default=1e-3, help="eval range lower bound [m] (default 1e-3)")
+    p.add_argument("--max-depth", type=_positive_float, default=10.0, help="eval range upper bound [m] (default 10)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N images")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast inference (default fp32)")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here (with the model, weights checksum, data)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="depth at points of one image; print, save JSON/CSV, draw an overlay")
@@ -236,36 +367,41 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--points", help="pixel points 'u,v;u,v' (u = column, v = row, pixel centres at integers)")
     where.add_argument("--points-file", help="CSV of u,v per line (an optional header line is skipped)")
-    where.add_argument("--grid", type=int, help="an N x N grid of points over the image")
+    where.add_argument("--grid", type=_positive_int, help="an N x N grid of points over the image")
     p.add_argument("--out", default=None, help="write results to .json or .csv (default: print them)")
     p.add_argument("--vis", default=None, help="write a PNG overlay: points coloured by depth with a colour bar")
-    p.add_argument("--intrinsics", default=None, help="fx,fy,cx,cy in pixels: also output camera-frame X, Y, Z [m]")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--intrinsics", default=None,
+                   help="fx,fy,cx,cy in pixels, or a file (.npy 3x3, .json, .txt): also output camera-frame X, Y, Z [m]")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast inference (default fp32)")
+    p.add_argument("--max-side", type=_non_negative_int, default=640,
+                   help="resize images whose long side is larger to this before the model (points stay in your "
+                        "pixels; default 640, the training frames' long side; 0 = never)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="end to end on synthetic data: data, training, evaluation, figures (CPU, minutes)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--n-train", type=int, default=1000, help="synthetic training frames (default 1000)")
-    p.add_argument("--n-test", type=int, default=50, help="synthetic test frames (default 50)")
+    p.add_argument("--n-train", type=_positive_int, default=1000, help="synthetic training frames (default 1000)")
+    p.add_argument("--n-test", type=_positive_int, default=50, help="synthetic test frames (default 50)")
     p.add_argument("--size", type=_parse_size, default=(120, 160), help="frame size HxW (default 120x160)")
-    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the v15_tiny_synth config's)")
-    p.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="training steps (default: the v15_tiny_synth config's)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="data and training seed (default 0)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="time SPD (encode + decode K) against the dense DAv2-S baseline, one process")
-    p.add_argument("--height", type=int, default=480, help="image height (default 480)")
-    p.add_argument("--width", type=int, default=640, help="image width (default 640)")
-    p.add_argument("--k", default="1,16,64,256,1024,4096", help="comma-separated query counts")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
+    p.add_argument("--height", type=_positive_int, default=480, help="image height (default 480)")
+    p.add_argument("--width", type=_positive_int, default=640, help="image width (default 640)")
+    p.add_argument("--k", type=_k_list, default=(1, 16, 64, 256, 1024, 4096), help="comma-separated query counts")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp32,bf16", "bf16,fp32"],
                    help="bf16 = autocast; two (fp32,bf16) time both in one run, with the ratio (default fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models' encoders")
-    p.add_argument("--compile-decode", default=None, metavar="K,K",
+    p.add_argument("--compile-decode", type=_k_list, default=None, metavar="K,K",
                    help="also time SPD's decode compiled (fullgraph, one static graph per K; CUDA graphs on CUDA) at these K")
     p.add_argument("--no-train-step", action="store_true",
                    help="skip the training-step section (416x544, K=256: seconds and activation bytes per image)")
     p.add_argument("--channels-last", action="store_true", help="run the SPD encoder in channels-last memory format")
-    p.add_argument("--repeat", type=int, default=7, help="timed runs per figure; the median is reported (default 7)")
+    p.add_argument("--repeat", type=_positive_int, default=7, help="timed runs per figure; the median is reported (default 7)")
     p.add_argument("--baseline-input", choices=["fair", "official"], default="fair",
                    help="fair: 476x644 for 480x640 (same pixel count); official: short side 518")
     p.add_argument("--json", default=None, help="write all figures as JSON here")
@@ -274,12 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic NYU-layout dataset (procedural rooms, exact depth)")
     p.add_argument("--out", required=True, help="output folder (sync/, official_splits/test/, *_files.txt)")
-    p.add_argument("--n-train", type=int, required=True, help="training frames")
-    p.add_argument("--n-test", type=int, required=True, help="test frames")
+    p.add_argument("--n-train", type=_positive_int, required=True, help="training frames")
+    p.add_argument("--n-test", type=_positive_int, required=True, help="test frames")
     p.add_argument("--size", type=_parse_size, default=(480, 640), help="HxW (default 480x640, NYU's size)")
     p.add_argument("--holes", action="store_true", help="add Kinect-like holes (depth 0) to the depth maps")
-    p.add_argument("--seed", type=int, default=0, help="frame i depends only on (seed, split, i)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="frame i depends only on (seed, split, i)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -287,15 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("check", help="validate every file of a split list and print a summary")
     p.add_argument("--root", required=True, help="folder the list's paths are relative to (e.g. nyu/sync)")
     p.add_argument("--filelist", required=True, help="split list: 'rgb depth focal' per line")
-    p.add_argument("--min-depth", type=float, default=1e-3, help="valid depth > this (m)")
-    p.add_argument("--max-depth", type=float, default=10.0, help="valid depth <= this (m)")
+    p.add_argument("--min-depth", type=_positive_float, default=1e-3, help="valid depth > this (m)")
+    p.add_argument("--max-depth", type=_positive_float, default=10.0, help="valid depth <= this (m)")
     p.set_defaults(func=_cmd_data_check)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one sub-command. The project's own errors (bad arguments, settings, data, checkpoints)
+    end in one line `spd <command>: error: <message>` and their exit code (`spd.errors`); a bug keeps
+    its traceback. `--debug` or SPD_DEBUG=1 shows the traceback of the project's errors too."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = args.debug or os.environ.get("SPD_DEBUG") == "1"
+    command = args.command + (f" {args.data_command}" if getattr(args, "data_command", None) else "")
+    try:
+        return args.func(args)
+    except SPDError as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the exception held
+        print(f"spd {command}: error: {message}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

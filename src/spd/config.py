@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from spd.config_check import Rule, check_config, non_negative, optional, positive
+from spd.errors import ConfigError
 
 PresetName = Literal["v15", "v15-tiny"]
 
@@ -55,19 +58,28 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown model config keys: {unknown}; known keys: {sorted(names)}")
+            raise ConfigError(f"unknown model config keys: {unknown}; known keys: {sorted(names)}")
         return cls(**data)
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        name: (positive, "> 0") for name in (
+            "d_model", "n_heads", "n_points", "ffn_dim", "fourier_freqs", "ldrm_mid_dim", "ldrm_out_dim", "head_hidden",
+            "head_init_depth", "canvas_head_dim",
+        )
+    } | {"n_msda_layers": (non_negative, ">= 0"), "n_global_layers": (non_negative, ">= 0"),
+         "l4_self_attn_layers": (non_negative, ">= 0"), "l3_dim": (optional(positive), "null or > 0")}
+
     def __post_init__(self) -> None:
+        check_config(self, "model.")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         check_ldrm_patch(self.ldrm_patch)
 
 
 def check_ldrm_patch(patch: int) -> None:
     """LDRM patches are odd (centred on the query's cell) and >= 5 (the fast path reads 2 cells each side)."""
     if patch < 5 or patch % 2 == 0:
-        raise ValueError(f"ldrm_patch must be odd and >= 5 (the fast path needs 2 cells each side), got {patch}")
+        raise ConfigError(f"ldrm_patch must be odd and >= 5 (the fast path needs 2 cells each side), got {patch}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -91,7 +103,7 @@ def preset_config(name: str, **overrides: Any) -> ModelConfig:
     """Returns the named preset with `overrides` applied (e.g. ``use_ldrm=False``)."""
     key = name.replace("_", "-")
     if key not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[key], **overrides})
 
 

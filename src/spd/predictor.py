@@ -24,11 +24,12 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from spd.chunked import K_BUCKETS, decode_in_chunks
 from spd.data.io import read_rgb
 from spd.data.transforms import normalize_image
+from spd.errors import UserInputError
 from spd.geometry.validation import validate_queries
 
 ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W, 3) uint8 | torch.Tensor (3, H, W)
@@ -36,11 +37,13 @@ ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W, 3) uint8 | t
 
 @dataclass
 class ImageFeatures:
-    """Encoder output for one image, reusable by any number of `decode` calls."""
+    """Encoder output for one image, reusable by any number of `decode` calls. `height`, `width`: the
+    image as the user gave it; `scale` (x, y): the size the model saw over that (1 unless resized)."""
 
     features: Any
     height: int
     width: int
+    scale: tuple[float, float] = (1.0, 1.0)
 
 
 def image_to_uint8(image: ImageLike) -> np.ndarray:
@@ -52,7 +55,7 @@ def image_to_uint8(image: ImageLike) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_rgb(image)
     if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))
+        return np.array(ImageOps.exif_transpose(image).convert("RGB"))
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.dim() == 3 and tensor.shape[0] == 3 and tensor.shape[-1] != 3:
@@ -65,14 +68,14 @@ def image_to_uint8(image: ImageLike) -> np.ndarray:
     if array.ndim == 2:
         array = np.stack([array] * 3, -1)
     if array.ndim != 3 or array.shape[-1] != 3:
-        raise ValueError(f"image must be (H, W, 3) RGB (or (3, H, W) tensor); got shape {array.shape}")
+        raise UserInputError(f"image must be (H, W, 3) RGB (or (3, H, W) tensor); got shape {array.shape}")
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise ValueError("float images must hold finite values in [0, 1]")
+            raise UserInputError("float images must hold finite values in [0, 1]")
         return np.round(array * 255).astype(np.uint8)
-    raise ValueError(f"image dtype {array.dtype} not supported: use uint8 or float in [0, 1]")
+    raise UserInputError(f"image dtype {array.dtype} not supported: use uint8 or float in [0, 1]")
 
 
 def check_points(points, height: int, width: int) -> torch.Tensor:
@@ -82,7 +85,7 @@ def check_points(points, height: int, width: int) -> torch.Tensor:
     if array.size == 0:
         return torch.zeros(0, 2)
     if array.ndim != 2 or array.shape[1] != 2:
-        raise ValueError(f"points must have shape (K, 2) as (u, v) pixels; got shape {array.shape}")
+        raise UserInputError(f"points must have shape (K, 2) as (u, v) pixels; got shape {array.shape}")
     queries = torch.from_numpy(array)
     validate_queries(queries[None], (height, width), noun="point")  # float64: the check sees the user's values
     return queries.float()
@@ -111,6 +114,10 @@ class Predictor:
         compile: decode through `torch.compile(fullgraph=True)` (CUDA graphs on CUDA), each chunk
             padded to a K bucket (`spd.chunked.K_BUCKETS`) so only a few shapes ever compile.
         buckets: override the K buckets (None: K_BUCKETS when compiling, exact sizes otherwise).
+        max_side: images whose long side is larger are resized to it before encoding (the model was
+            trained on 480x640 frames; a 4000x3000 photo at full size costs ~70x the time and memory
+            for no gain). Points stay in the user's pixels: they are mapped onto the resized image.
+            None: never resize.
     """
 
     def __init__(
@@ -122,9 +129,10 @@ class Predictor:
         dtype: Literal["fp32", "bf16"] = "fp32",
         compile: bool = False,
         buckets: tuple[int, ...] | None = None,
+        max_side: int | None = 640,
     ):
         if dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+            raise UserInputError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.chunk_size = chunk_size
@@ -137,6 +145,9 @@ class Predictor:
         if buckets is None and compile:
             buckets = tuple(b for b in K_BUCKETS if b < chunk_size) + (chunk_size,)
         self.buckets = buckets
+        if max_side is not None and max_side < 32:
+            raise UserInputError(f"max_side must be at least 32 pixels, got {max_side}")
+        self.max_side = max_side
 
     def _autocast(self):
         if self.dtype == "bf16":
@@ -153,14 +164,24 @@ class Predictor:
     @torch.inference_mode()
     def encode(self, image: ImageLike) -> ImageFeatures:
         rgb = image_to_uint8(image)
-        tensor = normalize_image(torch.from_numpy(rgb).permute(2, 0, 1))[None].to(self.device)
+        height, width = rgb.shape[:2]
+        seen = rgb
+        if self.max_side is not None and max(height, width) > self.max_side:
+            factor = self.max_side / max(height, width)
+            size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            seen = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, reducing_gap=None))
+        tensor = normalize_image(torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1))[None].to(self.device)
+        scale = (seen.shape[1] / width, seen.shape[0] / height)
         with self._autocast():
-            return ImageFeatures(self.model.encode(tensor), rgb.shape[0], rgb.shape[1])
+            return ImageFeatures(self.model.encode(tensor), height, width, scale)
 
     @torch.inference_mode()
     def decode(self, features: ImageFeatures, points) -> np.ndarray:
         """Depth [m] at (K, 2) points of the encoded image. Returns (K,) float32."""
-        queries = check_points(points, features.height, features.width).to(self.device)  # validated once, here
+        queries = check_points(points, features.height, features.width)  # validated once, in the user's pixels
+        if features.scale != (1.0, 1.0):  # pixel centres map onto pixel centres of the resized image
+            queries = ((queries + 0.5) * torch.tensor(features.scale) - 0.5).clamp_min(-0.5)
+        queries = queries.to(self.device)
         with self._autocast():
             depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed,
                                      buckets=self.buckets, decode=self._decode)
@@ -179,5 +200,5 @@ class Predictor:
     def predict_batch(self, images: Sequence[ImageLike], points_list: Sequence) -> list[np.ndarray]:
         """One depth array per (image, points) pair; each image is encoded once."""
         if len(images) != len(points_list):
-            raise ValueError(f"{len(images)} images but {len(points_list)} point sets")
+            raise UserInputError(f"{len(images)} images but {len(points_list)} point sets")
         return [self.predict(image, points) for image, points in zip(images, points_list)]

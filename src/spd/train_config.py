@@ -9,11 +9,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from spd.config import ModelConfig, preset_config
+from spd.config_check import Rule, check_config, non_negative, optional, positive, unit_interval
+from spd.errors import ConfigError
 
 
 @dataclass
@@ -31,6 +33,14 @@ class DataConfig:
     max_depth: float = 10.0
     workers: int = 4
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "crop_size": (optional(lambda s: len(s) == 2 and all(v > 0 and v % 32 == 0 for v in s)),
+                      "null or [height, width], positive multiples of 32"),
+        "rotation_deg": (non_negative, ">= 0"), "color_p": (unit_interval, "in [0, 1]"),
+        "num_queries": (positive, "> 0"), "min_depth": (positive, "> 0"), "max_depth": (positive, "> 0"),
+        "workers": (non_negative, ">= 0"),
+    }
+
 
 @dataclass
 class OptimConfig:
@@ -43,6 +53,13 @@ class OptimConfig:
     min_lr_ratio: float = 0.01  # final LR / peak LR
     grad_clip: float = 1.0
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "lr": (positive, "> 0"), "encoder_lr_scale": (non_negative, ">= 0"), "weight_decay": (non_negative, ">= 0"),
+        "betas": (lambda b: len(b) == 2 and all(0 <= v < 1 for v in b), "two numbers in [0, 1)"),
+        "warmup_steps": (non_negative, ">= 0"), "min_lr_ratio": (unit_interval, "in [0, 1]"),
+        "grad_clip": (positive, "> 0"),
+    }
+
 
 @dataclass
 class LossConfig:
@@ -50,6 +67,11 @@ class LossConfig:
     patch_weight: float = 0.3
     silog_lambda: float = 0.5
     dense_weight: float = 1.0  # baseline only: SILog of its full dense map, beside the sparse term
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "canvas_weight": (non_negative, ">= 0"), "patch_weight": (non_negative, ">= 0"),
+        "silog_lambda": (unit_interval, "in [0, 1]"), "dense_weight": (non_negative, ">= 0"),
+    }
 
 
 @dataclass
@@ -59,6 +81,8 @@ class BaselineConfig:
     weights: str | None = None  # a local Hugging Face folder to start from; None = random init
     input_mode: Literal["fair", "official"] = "fair"  # see spd.models.baseline
     max_depth: int = 10  # metres, the metric head's range
+
+    RULES: ClassVar[dict[str, Rule]] = {"max_depth": (positive, "> 0")}
 
 
 @dataclass
@@ -70,6 +94,11 @@ class EvalConfig:
     limit: int | None = None  # validate on the first N test images (None = all)
     min_depth: float = 1e-3
     max_depth: float = 10.0
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "every_steps": (non_negative, ">= 0"), "num_queries": (positive, "> 0"), "limit": (optional(positive), "null or > 0"),
+        "min_depth": (positive, "> 0"), "max_depth": (positive, "> 0"),
+    }
 
 
 @dataclass
@@ -96,8 +125,17 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     save_first_step_grads: bool = False  # write RUN_DIR/first_step_grads.safetensors (scale-out checks)
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "epochs": (positive, "> 0"), "max_steps": (optional(positive), "null or > 0"), "batch_size": (positive, "> 0"),
+        "accum_steps": (positive, "> 0"), "seed": (non_negative, ">= 0"), "log_every": (positive, "> 0"),
+        "ckpt_every": (positive, "> 0"), "keep_last": (non_negative, ">= 0"), "max_nonfinite": (positive, "> 0"),
+    }
+
     def model_config(self) -> ModelConfig:
-        return preset_config(self.preset, **self.model)
+        try:
+            return preset_config(self.preset, **self.model)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,7 +145,7 @@ def _from_dict(cls, data: dict[str, Any], where: str = ""):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"unknown config keys {[where + k for k in unknown]}; known: {sorted(known)}")
+        raise ConfigError(f"unknown config keys {[where + k for k in unknown]}; known: {sorted(known)}")
     kwargs = {}
     for name, value in data.items():
         default = getattr(cls(), name) if name in known else None
@@ -128,26 +166,34 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainC
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}")
         text = path.read_text()
     else:
         resource = resources.files("spd.configs").joinpath(f"{name_or_path}.yaml")
         if not resource.is_file():
-            raise ValueError(f"unknown config {name_or_path!r}; bundled configs: {named_configs()} (or pass a .yaml path)")
+            raise ConfigError(f"unknown config {name_or_path!r}; bundled configs: {named_configs()} (or pass a .yaml path)")
         text = resource.read_text()
     data = yaml.safe_load(text) or {}
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         node = data
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         node[leaf] = _parse_value(value)
-    config = _from_dict(TrainConfig, data)
-    if config.architecture not in ("spd", "dav2-small"):
-        raise ValueError(f"architecture must be 'spd' or 'dav2-small', got {config.architecture!r}")
+    if data.get("amp") is False:  # YAML 1.1 reads a bare `off` as false
+        data["amp"] = "off"
+    try:
+        config = _from_dict(TrainConfig, data)
+    except TypeError as err:  # a section given as a scalar, e.g. --set optim=3
+        raise ConfigError(f"malformed config: {err}") from None
+    check_config(config)
+    if config.data.max_depth <= config.data.min_depth or config.eval.max_depth <= config.eval.min_depth:
+        raise ConfigError("data/eval max_depth must be larger than min_depth")
     config.model_config()  # fail now on a bad preset or model override
     return config
 

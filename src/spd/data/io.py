@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from spd.errors import DataLayoutError
 
 NYU_FOCAL = 518.8579  # pixels, NYU Depth V2 Kinect RGB camera (fx)
 NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)  # fx, fy, cx, cy in pixels
 
 
-class DataError(ValueError):
+class DataError(DataLayoutError):
     """A dataset file is missing, unreadable or not what the layout promises."""
 
     def __init__(self, path: str | Path, problem: str) -> None:
@@ -32,8 +34,9 @@ def _open(path: Path) -> Image.Image:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """An image file as an (H, W, 3) uint8 RGB array (grey and RGBA are converted)."""
-    return np.array(_open(Path(path)).convert("RGB"))  # a writable copy
+    """An image file as an (H, W, 3) uint8 RGB array (grey and RGBA are converted), upright: a
+    camera's EXIF orientation tag is applied, so pixel (u, v) is where a viewer shows it."""
+    return np.array(ImageOps.exif_transpose(_open(Path(path))).convert("RGB"))  # a writable copy
 
 
 def read_depth_png(path: str | Path) -> np.ndarray:

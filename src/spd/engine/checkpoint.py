@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from spd.models.folder import MODEL_FILE, CheckpointError, read_weights
+from spd.models.folder import MODEL_FILE, CheckpointError, fsync_path, read_weights
 from spd.models.spd import SPD, save_model
 
 STATE_FILE = "training_state.pt"
@@ -47,7 +48,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: Path, model, training_state: dict) -> None:
-    """Writes a complete checkpoint folder atomically: into a temp folder, then renamed into place.
+    """Writes a complete checkpoint folder atomically: into a temp folder (every file fsynced), then
+    renamed into place. A failure (a full disk) removes the temp folder, leaves the previous
+    checkpoint as it was, and raises CheckpointError saying so.
 
     SPD models get `save_model`'s folder; the DAv2-S baseline a Hugging Face folder (its
     `save_pretrained`), readable by `load_baseline` / `spd eval --model baseline:FOLDER`.
@@ -55,18 +58,39 @@ def save_checkpoint(folder: Path, model, training_state: dict) -> None:
     folder = Path(folder)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(model, SPD):
-        save_model(model, tmp)
-    else:
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp)
-    torch.save(training_state, tmp / STATE_FILE)
+    try:
+        if isinstance(model, SPD):
+            save_model(model, tmp)
+        else:
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp)
+        torch.save(training_state, tmp / STATE_FILE)
+        for path in (*tmp.iterdir(), tmp):
+            fsync_path(path)
+    except (OSError, SafetensorError, RuntimeError) as err:  # a full disk, as each writer reports it
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(err, "strerror", None) or " ".join(str(err).split())[:200]
+        raise CheckpointError(f"could not write checkpoint {folder} ({reason}); the previous one is intact") from None
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def link_copy(source: Path, target: Path) -> None:
+    """`target` becomes a copy of checkpoint folder `source` made of hard links (no data written, so
+    a full disk cannot half-copy it), built beside it and renamed into place."""
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(source, tmp, copy_function=os.link)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {target} ({err.strerror or err})") from None
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def find_resumable(checkpoints: Path) -> Path | None:

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from spd.data import NYUDepth, collate, resolve_split_list
 from spd.engine.distributed import DistInfo
+from spd.errors import ConfigError, DataLayoutError
 from spd.train_config import TrainConfig
 
 
@@ -16,7 +17,7 @@ def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYU
     split lists by `resolve_split_list`."""
     root = Path(data_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data root not found: {root}")
+        raise DataLayoutError(f"data root not found: {root}")
     d, e = cfg.data, cfg.eval
     train = NYUDepth(
         root / d.train_dir, resolve_split_list(root, d.train_list, "train"), split="train", num_queries=d.num_queries,
@@ -42,7 +43,7 @@ class EpochPlan:
         self.micro_per_epoch = len(self.sampler) // cfg.batch_size
         self.steps_per_epoch = self.micro_per_epoch // cfg.accum_steps
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(train_set)} training images are too few for batch {cfg.batch_size} x accum {cfg.accum_steps} "
                 f"x {info.world_size} processes"
             )

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from spd.engine import distributed as dist_utils
-from spd.engine.checkpoint import rng_state, save_checkpoint
+from spd.engine.checkpoint import link_copy, rng_state, save_checkpoint
 from spd.engine.data_setup import EpochPlan
 from spd.engine.evaluate import evaluate
 from spd.engine.runlog import Preemption, RunLogger
@@ -155,8 +155,8 @@ def checkpoint(session: Session, state: TrainState, name: str) -> None:
     ckpt_dir = session.ckpt_dir
     save_checkpoint(ckpt_dir / name, session.model, training_state)
     if name == "last" and session.cfg.keep_last > 0:
-        shutil.copytree(ckpt_dir / "last", ckpt_dir / f"step_{state.step:07d}", dirs_exist_ok=True)
-        for old in sorted(ckpt_dir.glob("step_*"))[: -session.cfg.keep_last]:
+        link_copy(ckpt_dir / "last", ckpt_dir / f"step_{state.step:07d}")
+        for old in sorted(p for p in ckpt_dir.glob("step_*") if ".tmp-" not in p.name)[: -session.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -1,25 +1,123 @@
-"""What a run leaves behind while it trains: metrics.jsonl + TensorBoard (rank 0), and the
-pre-emption flag that SIGTERM raises."""
+"""The run folder while a run trains: its guard (one writer, no silent restart, resume only with a
+matching config), metrics.jsonl + TensorBoard (rank 0), and the stop flag SIGTERM / SIGINT raise."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 import signal
 from pathlib import Path
 
+import yaml
+
+from spd.errors import RunFolderError
+
+# Settings a resumed run may change without breaking exactness of what was already trained.
+RESUMABLE_CHANGES = {
+    "max_steps", "epochs", "log_every", "ckpt_every", "keep_last", "max_nonfinite", "data.workers",
+    "eval.every_steps", "eval.limit",
+}
+
 
 class Preemption:
-    """SIGTERM (what schedulers send before pre-emption) sets a flag; the loop saves and exits."""
+    """SIGTERM (what schedulers send before pre-emption) or SIGINT (Ctrl-C) sets a flag; the loop
+    finishes its step, saves checkpoints/last and stops (the CLI then exits with EXIT_PREEMPTED)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class RunFolderGuard:
+    """Rank 0's hold on a run folder for the run's lifetime: an exclusive lock (a second process on
+    the same folder fails at once), no silent restart over an existing run, and a resume only with a
+    config that keeps the run exact (the safe changes are RESUMABLE_CHANGES)."""
+
+    def __init__(self, run_dir: Path, config: dict, resume: bool, overwrite: bool) -> None:
+        if self._holds_run(run_dir) and not (resume or overwrite):  # refuse before touching the folder
+            raise RunFolderError(f"{run_dir} already holds a run: pass --resume to continue it, or --overwrite "
+                                 "to delete it and start afresh")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "?"
+            self._file.close()
+            raise RunFolderError(f"{run_dir} is in use by another training process (pid {holder})") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+        existing = self._holds_run(run_dir)
+        if existing and not resume:  # --overwrite
+            for name in ("checkpoints", "tb"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "config.yaml", "first_step_grads.safetensors"):
+                (run_dir / name).unlink(missing_ok=True)
+        if existing and resume and (run_dir / "config.yaml").is_file():
+            self._check_resumable(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, config, run_dir)
+
+    @staticmethod
+    def _holds_run(run_dir: Path) -> bool:
+        return (run_dir / "checkpoints" / "last").exists() or (run_dir / "metrics.jsonl").exists()
+
+    def _check_resumable(self, saved: dict, requested: dict, run_dir: Path) -> None:
+        changed = [k for k in sorted(set(_flatten(saved)) | set(_flatten(requested)))
+                   if _flatten(saved).get(k) != _flatten(requested).get(k) and k not in RESUMABLE_CHANGES]
+        if changed:
+            self.release()
+            listed = ", ".join(f"{k}: {_flatten(saved).get(k)!r} -> {_flatten(requested).get(k)!r}" for k in changed[:4])
+            raise RunFolderError(f"--resume: the config differs from {run_dir / 'config.yaml'} in {listed}"
+                                 f"{' ...' if len(changed) > 4 else ''}; resuming would not continue the same run "
+                                 f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "model":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drops the rows of metrics.jsonl after `step` (written by a run killed after its last
+    checkpoint): after a resume every step appears once. Rewritten in place, so that the run's
+    logger (which appends) keeps writing to the same file."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    with open(path, "r+") as f:
+        kept = []
+        for line in f.read().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill -9
+        f.seek(0)
+        f.write("".join(line + "\n" for line in kept))
+        f.truncate()
 
 
 class RunLogger:

@@ -21,7 +21,7 @@ from spd.engine import distributed as dist_utils
 from spd.engine.checkpoint import find_resumable, load_checkpoint_weights, load_training_state, set_rng_state
 from spd.engine.data_setup import EpochPlan, resolve_data
 from spd.engine.loop import Session, TrainState, checkpoint, train_one_epoch, validate
-from spd.engine.runlog import Preemption, RunLogger
+from spd.engine.runlog import Preemption, RunFolderGuard, RunLogger, truncate_metrics
 from spd.models.spd import SPD
 from spd.train_config import TrainConfig, save_config
 
@@ -97,15 +97,19 @@ def resume_state(session: Session, resume: bool) -> TrainState:
     state = TrainState(**saved["progress"])
     session.nonfinite_count.fill_(state.nonfinite_total)
     if session.info.is_main:
+        truncate_metrics(session.run_dir, state.step)  # rows a killed run logged after this checkpoint
         print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch})")
     return state
 
 
-def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Trains and returns {"step", "best_abs_rel", "last_val", "stopped"}; see module docstring."""
+def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          overwrite: bool = False) -> dict:
+    """Trains and returns {"step", "best_abs_rel", "last_val", "stopped"}; see module docstring.
+    `overwrite` deletes a run already in `run_dir` (without it, or `resume`, that is refused)."""
     from tqdm import tqdm
 
     info = dist_utils.init_distributed()
+    guard = RunFolderGuard(Path(run_dir), cfg.to_dict(), resume, overwrite) if info.is_main else None
     session = build_session(cfg, data_root, Path(run_dir), info)
     state, stopped, last_val = resume_state(session, resume), "epoch_done", None
     bar = tqdm(total=session.total_steps, initial=state.step, desc="train", disable=not (progress and info.is_main))
@@ -117,8 +121,11 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
             last_val = validate(session, state)
         checkpoint(session, state, "last")
         if stopped == "preempted" and info.is_main:
-            print(f"SIGTERM: saved {session.ckpt_dir / 'last'} at step {state.step}; continue with --resume")
+            print(f"{session.preemption.requested}: saved {session.ckpt_dir / 'last'} at step {state.step}; "
+                  "continue with --resume")
     finally:
+        if guard is not None:
+            guard.release()
         bar.close()
         session.logger.close()
         session.preemption.restore()

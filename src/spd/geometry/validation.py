@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from spd.errors import UserInputError
+
 
 def validate_queries(
     queries: torch.Tensor,
@@ -27,15 +29,15 @@ def validate_queries(
     Shape: queries (B, K, 2) pixel (u, v); mask (B, K) bool or None (all real).
     """
     if queries.dim() != 3 or queries.shape[-1] != 2:
-        raise ValueError(f"queries must have shape (B, K, 2) in pixel (u, v); got {tuple(queries.shape)}")
+        raise UserInputError(f"queries must have shape (B, K, 2) in pixel (u, v); got {tuple(queries.shape)}")
     if batch is not None and queries.shape[0] != batch:
-        raise ValueError(f"queries hold {queries.shape[0]} images but the features hold {batch}")
+        raise UserInputError(f"queries hold {queries.shape[0]} images but the features hold {batch}")
     if not queries.is_floating_point():
-        raise ValueError(f"queries must be a floating-point tensor; got {queries.dtype}")
+        raise UserInputError(f"queries must be a floating-point tensor; got {queries.dtype}")
     if mask is None:
         mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
     elif mask.shape != queries.shape[:2] or mask.dtype != torch.bool:
-        raise ValueError(
+        raise UserInputError(
             f"mask must be a bool tensor of shape {tuple(queries.shape[:2])}; got {mask.dtype} {tuple(mask.shape)}"
         )
     if check_values:
@@ -53,11 +55,11 @@ def _check_values(queries: torch.Tensor, image_hw: tuple[int, int], mask: torch.
     bad_nan = ~torch.isfinite(queries).all(-1) & mask
     if bad_nan.any():
         b, k = (int(i) for i in bad_nan.nonzero()[0])
-        raise ValueError(f"{name(b, k)} is not finite: {queries[b, k].tolist()}")
+        raise UserInputError(f"{name(b, k)} is not finite: {queries[b, k].tolist()}")
     outside = ((u < -0.5) | (u > width - 0.5) | (v < -0.5) | (v > height - 0.5)) & mask
     if outside.any():
         b, k = (int(i) for i in outside.nonzero()[0])
-        raise ValueError(
+        raise UserInputError(
             f"{name(b, k)} = (u={u[b, k].item():g}, v={v[b, k].item():g}) is outside the "
             f"{width}x{height} image (valid: -0.5 <= u <= {width - 0.5}, -0.5 <= v <= {height - 0.5})"
         )

@@ -164,6 +164,16 @@ def _quiet_transformers():
 
 
 def load_baseline(spec: str, device: str | torch.device = "cpu", input_mode: InputMode = "fair") -> DepthAnythingBaseline:
-    """`random` for a randomly initialised DAv2-S, else a local Hugging Face model folder."""
+    """`random` for a randomly initialised DAv2-S, else a local Hugging Face model folder (refused,
+    with a CheckpointError, unless its config.json is a Depth Anything one)."""
+    if spec != "random":
+        from spd.models.folder import CheckpointError, read_config_dict
+
+        folder = Path(spec)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: baseline model folder not found")
+        model_type = read_config_dict(folder).get("model_type")
+        if model_type != "depth_anything":
+            raise CheckpointError(f"{folder}: holds a {model_type!r} model, not Depth Anything (drop 'baseline:' for SPD)")
     model = DepthAnythingBaseline(None if spec == "random" else spec, input_mode)
     return model.to(device).eval()

@@ -8,6 +8,7 @@ Nothing here unpickles code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,19 +18,47 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from spd.errors import EXIT_CHECKPOINT, SPDError
+
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+WEIGHTS_SHA256 = "weights_sha256"  # config.json key: SHA-256 of model.safetensors as saved
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SPDError, RuntimeError):
     """A checkpoint folder is missing, truncated, tampered with or does not fit the model."""
+
+    exit_code = EXIT_CHECKPOINT
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a written file (or a folder's entries) to the disk, so a rename after it is durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, write) -> None:
-    """`write(tmp)` then rename onto `path`: readers never see a half-written file."""
+    """`write(tmp)`, fsync, then rename onto `path`: readers never see a half-written file, and a
+    failed write (a full disk) leaves the previous file and no temporary one."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_model_folder(folder: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any], model_type: str) -> Path:
@@ -38,7 +67,8 @@ def write_model_folder(folder: str | Path, state: dict[str, torch.Tensor], confi
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(folder / MODEL_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt", "library": "spd"}))
-    text = json.dumps({"model_type": model_type, **config}, indent=2)
+    # The weights' checksum, checked at load: a file altered after saving is refused, not used.
+    text = json.dumps({"model_type": model_type, WEIGHTS_SHA256: file_sha256(folder / MODEL_FILE), **config}, indent=2)
     atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(text))
     return folder
 
@@ -49,11 +79,18 @@ def resolve_model_folder(path: str | Path) -> Path:
     if folder.exists():
         return folder
     text = str(path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
+    # Only an `owner/name` whose owner is not a local folder is a Hub id: a mistyped local path
+    # ("runs/tny") must fail here, not as an internet-connection error.
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(text.split("/")[0]).exists()
+    if looks_local:
+        raise CheckpointError(f"{folder}: model folder not found")
+    from huggingface_hub import snapshot_download
 
+    try:
         return Path(snapshot_download(text, allow_patterns=[CONFIG_FILE, MODEL_FILE]))
-    raise CheckpointError(f"{folder}: model folder not found")
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, auth: one clear line either way
+        raise CheckpointError(f"{text}: not a local folder, and not downloadable from the Hugging Face Hub "
+                              f"({type(err).__name__})") from None
 
 
 def read_config_dict(folder: Path) -> dict[str, Any]:
@@ -78,6 +115,18 @@ def read_weights(weights: Path) -> dict[str, torch.Tensor]:
         return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: unreadable, truncated or not a safetensors file ({err})") from err
+
+
+def verify_weights_checksum(folder: Path, config: dict[str, Any]) -> str:
+    """The weights file's SHA-256; CheckpointError if config.json recorded another one."""
+    actual = file_sha256(folder / MODEL_FILE)
+    expected = config.get(WEIGHTS_SHA256)
+    if expected is not None and expected != actual:
+        raise CheckpointError(
+            f"{folder / MODEL_FILE}: checksum mismatch (the file changed after it was saved; expected sha256 "
+            f"{expected[:12]}..., found {actual[:12]}...)"
+        )
+    return actual
 
 
 def check_state_matches(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path) -> None:

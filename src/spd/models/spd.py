@@ -17,8 +17,8 @@ from spd.models.decoder import DecoderLayer
 from spd.models.encoder import Encoder
 from spd.models.features import EncodedFeatures
 from spd.models.folder import (
-    CONFIG_FILE, MODEL_FILE, CheckpointError, check_state_matches, read_config_dict, read_weights, resolve_model_folder,
-    write_model_folder,
+    CONFIG_FILE, MODEL_FILE, WEIGHTS_SHA256, CheckpointError, check_state_matches, read_config_dict, read_weights,
+    resolve_model_folder, verify_weights_checksum, write_model_folder,
 )
 from spd.models.global_attn import GlobalCrossAttention, GlobalKeyValues
 from spd.models.heads import CanvasHead, DepthHead, PatchDenseHead
@@ -295,6 +295,7 @@ def save_model(model: SPD, folder: str | Path) -> Path:
 def read_model_config(folder: Path) -> ModelConfig:
     """The `ModelConfig` of an SPD model folder; CheckpointError for any other folder."""
     data = read_config_dict(folder)
+    data.pop(WEIGHTS_SHA256, None)
     model_type = data.pop("model_type", MODEL_TYPE)
     if model_type != MODEL_TYPE:
         raise CheckpointError(
@@ -316,6 +317,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> SPD:
     """
     folder = resolve_model_folder(path)
     config = read_model_config(folder)
+    verify_weights_checksum(folder, read_config_dict(folder))
     state = read_weights(folder / MODEL_FILE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-encoder warning: the weights come next

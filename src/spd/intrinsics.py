@@ -1,0 +1,59 @@
+"""Camera intrinsics (fx, fy, cx, cy) in pixels, from the command line or a file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from spd.errors import UserInputError
+
+
+def _checked(values, source: str) -> tuple[float, float, float, float]:
+    fx, fy, cx, cy = (float(v) for v in values)
+    if not all(math.isfinite(v) for v in (fx, fy, cx, cy)) or fx <= 0 or fy <= 0:
+        raise UserInputError(f"{source}: intrinsics need finite fx, fy > 0 and cx, cy; got {[fx, fy, cx, cy]}")
+    return fx, fy, cx, cy
+
+
+def _from_matrix(matrix, source: str) -> tuple[float, float, float, float]:
+    k = np.asarray(matrix, dtype=np.float64)
+    if k.shape != (3, 3):
+        raise UserInputError(f"{source}: a camera matrix must be 3x3, got shape {k.shape}")
+    return _checked((k[0, 0], k[1, 1], k[0, 2], k[1, 2]), source)
+
+
+def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
+    """`fx,fy,cx,cy`, or a file: `.npy` (3x3 K), `.json` ({"fx", "fy", "cx", "cy"} or {"K": 3x3}),
+    `.txt` (3x3 K, or the four numbers). UserInputError naming the problem."""
+    path = Path(spec)
+    if path.suffix.lower() not in (".npy", ".json", ".txt"):
+        try:
+            values = [float(v) for v in spec.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4:
+            raise UserInputError(f"--intrinsics needs fx,fy,cx,cy in pixels or a .npy/.json/.txt file, got {spec!r}")
+        return _checked(values, "--intrinsics")
+    if not path.is_file():
+        raise UserInputError(f"{path}: intrinsics file not found")
+    try:
+        if path.suffix.lower() == ".npy":
+            return _from_matrix(np.load(path, allow_pickle=False), str(path))
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and "K" in data:
+                return _from_matrix(data["K"], str(path))
+            if isinstance(data, dict) and {"fx", "fy", "cx", "cy"} <= set(data):
+                return _checked([data[k] for k in ("fx", "fy", "cx", "cy")], str(path))
+            raise UserInputError(f"{path}: expected {{'fx', 'fy', 'cx', 'cy'}} or {{'K': 3x3}}")
+        numbers = np.array(path.read_text().split(), dtype=np.float64)
+    except (ValueError, OSError, TypeError) as err:
+        raise UserInputError(f"{path}: unreadable intrinsics ({err})") from None
+    if numbers.size == 9:
+        return _from_matrix(numbers.reshape(3, 3), str(path))
+    if numbers.size == 4:
+        return _checked(numbers, str(path))
+    raise UserInputError(f"{path}: expected a 3x3 matrix or fx fy cx cy, found {numbers.size} numbers")

@@ -92,6 +92,9 @@ def _cases(model: str, root: Path, synth: Path) -> list[tuple[list[str], str]]:
         (["synth", "--out", str(root / "synth"), "--n-train", "2", "--n-test", "1", "--size", "10x10"], "32x32"),
         (["bench", "--k", "0,5"], "positive integers"),
         (["bench", "--repeat", "0"], "positive integer"),
+        (["params", "--preset", "v99"], "v99"),
+        (["data", "check", "--root", str(root / "no_data"), "--filelist", str(root / "no_list.txt")], "no_list.txt"),
+        (["demo", "--out", str(root / "demo"), "--n-train", "0"], "positive integer"),
     ]
     if not torch.cuda.is_available():
         cases.append((predict + ["--points", "1,1", "--device", "cuda"], "CUDA"))

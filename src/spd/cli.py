@@ -95,8 +95,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from spd.data.check import check_dataset
+    from pathlib import Path
 
+    from spd.data.check import check_dataset
+    from spd.errors import DataLayoutError
+
+    for flag, path in (("--filelist", args.filelist), ("--root", args.root)):
+        if not Path(path).exists():  # an argument mistake, not a finding of the check
+            raise DataLayoutError(f"{flag} {path}: not found")
     report = check_dataset(args.root, args.filelist, args.min_depth, args.max_depth)
     print(report.summary())
     return 0 if report.ok else 1

@@ -15,7 +15,6 @@ unpickled: `.pt`/`.pth` files are read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from pathlib import Path
@@ -27,19 +26,11 @@ from safetensors.torch import load_file
 from timm.models.convnext import checkpoint_filter_fn
 from torch import nn
 
-from spd.models.folder import CheckpointError
+from spd.models.folder import CheckpointError, file_sha256
 
 
 class EncoderWeightsError(CheckpointError):
     """An encoder weights file is unreadable or does not fill every encoder tensor."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_file(path: Path) -> dict[str, torch.Tensor]:

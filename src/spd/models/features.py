@@ -37,13 +37,13 @@ class EncodedFeatures:
     msda_values: list[list[torch.Tensor]]
     global_kv: list[tuple[torch.Tensor, torch.Tensor]]
     image_size: tuple[int, int]
-    table: torch.Tensor
-    layout: RowLayout
-    seed_index: LevelIndex
+    table: torch.Tensor | None  # None: encoded for the reference paths (training), which need no table
+    layout: RowLayout | None
+    seed_index: LevelIndex | None
     msda_index: list[LevelIndex] | None
     query_affine: torch.Tensor  # (4, 2): rows grid scale, grid shift, position scale, position shift (x, y)
-    seed_extent: torch.Tensor  # (4, 1, 2) float: (w, h) of L1, L2, L3, L4 in cells
-    l1_index: LevelIndex  # L1 alone (LDRM's receptive-field reads)
+    seed_extent: torch.Tensor | None  # (4, 1, 2) float: (w, h) of L1, L2, L3, L4 in cells
+    l1_index: LevelIndex | None  # L1 alone (LDRM's receptive-field reads)
 
     @property
     def batch_size(self) -> int:

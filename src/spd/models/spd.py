@@ -118,21 +118,28 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         # Channels-last: MSDA's value projection then writes rows, as the row table stores them.
         l1, l2 = (m.contiguous(memory_format=torch.channels_last) for m in (l1, l2))
         value_maps = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
+        affine = query_affine(image_size, (l1.shape[-2] * 4, l1.shape[-1] * 4)).to(images.device)
+        if not (paths.decoder or paths.ldrm):  # the reference paths read the maps themselves: no table to copy
+            return EncodedFeatures(l1, l2, l3, l4, proj_l3, proj_l4, value_maps, global_kv, image_size, None, None, None,
+                                   None, affine, None, None)
+        return self._row_features([l1, l2, l3, l4, proj_l3, proj_l4], value_maps, global_kv, image_size, affine)
+
+    def _row_features(self, maps: list[torch.Tensor], value_maps, global_kv, image_size, affine) -> EncodedFeatures:
+        """`EncodedFeatures` for the inference paths: the maps moved into one row table (see
+        `spd.models.rows`) with the device constants decode needs."""
+        l1, l2, l3, l4, proj_l3, proj_l4 = maps
         # Under autocast the maps decode reads are stored in the autocast dtype (bf16): every decode op
         # then reads half the bytes, and no canvas convolution re-casts its map in every call.
-        # (Inference only: training keeps the maps autocast made, as before.)
-        device_type = images.device.type
-        low = torch.is_autocast_enabled(device_type) and not torch.is_grad_enabled()
-        dtype = torch.get_autocast_dtype(device_type) if low else None
+        device = l1.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         table, layout, seed_views, msda_views, msda_maps = self._row_table([l1, l2, proj_l3, proj_l4], value_maps, dtype)
-        device = images.device
         seed_index, l1_index = level_index(layout, [0, 1, 2, 3], device), level_index(layout, [0], device)
         heads = self.config.n_heads
         msda_index = None if msda_maps is None else [level_index(layout, ids, device, heads) for ids in msda_maps]
         seed_extent = torch.tensor([[w, h] for h, w in layout.sizes[:4]], dtype=torch.float32).view(4, 1, 2).to(device)
         return EncodedFeatures(
             *seed_views[:2], l3, l4, *seed_views[2:], msda_views, global_kv, image_size, table, layout, seed_index, msda_index,
-            query_affine(image_size, (l1.shape[-2] * 4, l1.shape[-1] * 4)).to(device), seed_extent, l1_index,
+            affine, seed_extent, l1_index,
         )
 
     def _row_table(self, seed_maps: list[torch.Tensor], value_maps: list[list[torch.Tensor]], dtype: torch.dtype | None):
@@ -185,6 +192,9 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         if queries.shape[1] == 0 and not return_aux:
             return queries.new_zeros(queries.shape[0], 0)
         fast = self.inference_paths(paths)
+        if (fast.decoder or fast.ldrm) and features.table is None:
+            raise ValueError("these features were encoded for the reference paths (no row table): "
+                             "encode and decode with the same `paths`")
         # Padded queries may hold anything (NaN too); park them at pixel 0 so nothing propagates.
         queries = torch.where(mask.unsqueeze(-1), queries, torch.zeros_like(queries))
         h, canvas_l2 = self._decode_layers(features, queries, mask, fast.decoder)

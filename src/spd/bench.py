@@ -17,25 +17,20 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from spd.bench_train import training_step_section
+from spd.bench_train import sync_device, training_step_section
 from spd.build import build_model
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_ms(fn, repeat: int, device: torch.device, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync_device(device)
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync_device(device)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
@@ -44,10 +39,10 @@ def split_spd(encode, decode, image: torch.Tensor, queries: torch.Tensor, device
     """(encode ms, decode ms) of one SPD call on an image: the decode runs right after its encode."""
     start = time.perf_counter()
     features = encode(image)
-    _sync(device)
+    sync_device(device)
     middle = time.perf_counter()
     decode(features, queries)
-    _sync(device)
+    sync_device(device)
     end = time.perf_counter()
     return (middle - start) * 1000, (end - middle) * 1000
 

@@ -15,7 +15,8 @@ from spd.losses import baseline_losses, spd_losses
 from spd.models.baseline import DepthAnythingBaseline
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Waits for the device's queued work, so that a wall-clock time covers it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -73,10 +74,10 @@ def time_training_step(model, batch: dict, device: torch.device, dtype: str, rep
     step()  # warm-up: optimiser state, allocator
     times = []
     for _ in range(repeat):
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - start)
     images = batch["image"].shape[0]
     activation = saved_activation_bytes(forward_loss)

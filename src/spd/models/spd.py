@@ -11,7 +11,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from spd.config import ModelConfig
-from spd.geometry.coords import pad_image
+from spd.geometry.coords import pad_image, padded_size
 from spd.geometry.validation import validate_queries
 from spd.models.decoder import DecoderLayer
 from spd.models.encoder import Encoder
@@ -118,7 +118,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         # Channels-last: MSDA's value projection then writes rows, as the row table stores them.
         l1, l2 = (m.contiguous(memory_format=torch.channels_last) for m in (l1, l2))
         value_maps = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
-        affine = query_affine(image_size, (l1.shape[-2] * 4, l1.shape[-1] * 4)).to(images.device)
+        affine = query_affine(image_size, padded_size(*image_size)).to(images.device)
         if not (paths.decoder or paths.ldrm):  # the reference paths read the maps themselves: no table to copy
             return EncodedFeatures(l1, l2, l3, l4, proj_l3, proj_l4, value_maps, global_kv, image_size, None, None, None,
                                    None, affine, None, None)

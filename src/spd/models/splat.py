@@ -22,11 +22,6 @@ def sample_at(feature: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return sampled.squeeze(3).transpose(1, 2)  # (B, C, K, 1) -> (B, K, C)
 
 
-def channels_last_rows(maps: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B*h*w, C), one row per cell; a view (no copy) of a channels-last map."""
-    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
-
-
 @dataclass
 class SplatPlan:
     """Where and how strongly each query reads from and writes into one map: the four bilinear

@@ -76,6 +76,8 @@ def write_model_folder(folder: str | Path, state: dict[str, torch.Tensor], confi
 def resolve_model_folder(path: str | Path) -> Path:
     """A local folder as given, or a Hugging Face Hub id (`owner/name`) downloaded with huggingface_hub."""
     folder = Path(path)
+    if folder.is_file():
+        raise CheckpointError(f"{folder}: a file, not a model folder (a model folder holds {CONFIG_FILE} and {MODEL_FILE})")
     if folder.exists():
         return folder
     text = str(path)

@@ -94,6 +94,26 @@ def test_bf16_inference_stays_within_one_percent_on_real_frames(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bf16_weight_copy_equals_plain_autocast_and_leaves_the_model_alone(device):
+    """The bf16 predictor's model copy (weights cast once) gives plain autocast's depths; the fp32
+    islands (MSDA's offset and attention projections, norms) keep fp32 weights; the original is fp32."""
+    from spd.models.precision import low_precision_copy
+
+    model = _tiny(device).eval()
+    low = low_precision_copy(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert low.msda_layers[0].cross.sampling_offsets.weight.dtype == torch.float32
+    assert low.msda_layers[0].cross.output_proj.weight.dtype == torch.bfloat16
+    assert low.msda_layers[0].norm_cross.weight.dtype == torch.float32
+    images = torch.randn(1, 3, 70, 101, device=device)
+    queries = torch.rand(1, 37, 2, device=device) * torch.tensor([100.0, 69.0], device=device)
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        plain = model.decode(model.encode(images), queries)
+        cast_once = low.decode(low.encode(images), queries)
+    torch.testing.assert_close(cast_once, plain, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_training_step_makes_no_host_sync(device, tmp_path, synth_root):
     """One v15-tiny step that does not log, its batch already loaded (as DataLoader workers deliver
     it): no `.item()` / `_local_scalar_dense` from the step. On CPU the fused AdamW kernel reads its

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from spd.bench_train import sync_device, training_step_section
 from spd.build import build_model
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
+from spd.models.precision import low_precision_copy
 
 
 def median_ms(fn, repeat: int, device: torch.device, warmup: int = 2) -> float:
@@ -196,6 +197,20 @@ def time_compiled_decode(s: BenchSetup, ks: tuple[int, ...], repeat: int) -> dic
     return out
 
 
+def setup_for_dtype(s: BenchSetup, dtype: str, compile: bool) -> BenchSetup:
+    """`s` with both models as they run at `dtype`: for bf16 the copies whose matmul weights are
+    stored in bf16 once (`spd.models.precision`), as the predictor and `spd eval` run them."""
+    if dtype != "bf16":
+        return s
+    spd_model, baseline = low_precision_copy(s.spd_model), low_precision_copy(s.baseline)
+    decode = lambda features, queries: spd_model.decode(features, queries, check_values=False)  # noqa: E731
+    encode, base_encode = spd_model.encode, baseline.encode
+    if compile:  # compiled encoders: compile the copies too
+        encode, base_encode = torch.compile(encode), torch.compile(base_encode)
+    return dataclasses.replace(s, spd_model=spd_model, baseline=baseline, encode=encode, decode=decode,
+                               base_encode=base_encode)
+
+
 def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
@@ -215,7 +230,8 @@ def run_bench(
 ) -> dict:
     """Every figure of `spd bench`. The first dtype gives the main rows; each further dtype (bf16)
     its own rows and its total-time ratio to the first, measured in the same run."""
-    s = build_setup(height, width, ks, device, compile, baseline_input, channels_last)
+    built = build_setup(height, width, ks, device, compile, baseline_input, channels_last)
+    s = setup_for_dtype(built, dtypes[0], compile)
     dev, primary = s.device, dtypes[0]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -233,7 +249,9 @@ def run_bench(
                 result["spd"]["decode_compiled_ms"] = time_compiled_decode(s, compile_decode_ks, repeat)
         for other in dtypes[1:]:
             with _autocast(dev, other):
-                result[other] = time_models(s, ks, repeat)
+                other_setup = setup_for_dtype(built, other, compile)
+                result[other] = time_models(other_setup, ks, repeat)
+                result[other]["decode_ops"], result[other]["decode_host_syncs"] = decode_ops_and_syncs(other_setup, k_ref)
             result[f"{other}_over_{primary}_total"] = {
                 k: result[other]["spd"]["total_ms"][k] / result["spd"]["total_ms"][k] for k in result["spd"]["total_ms"]
             }
@@ -305,7 +323,8 @@ def _format_extras(result: dict) -> list[str]:
     for dtype in result.get("dtypes", [])[1:]:
         rows, ratio = result[dtype], result[f"{dtype}_over_{result['dtype']}_total"]
         lines.append(f"{dtype}: SPD encode {rows['spd']['encode_ms']:.1f} ms, "
-                     f"baseline total {rows['baseline']['total_ms']:.1f} ms")
+                     f"baseline total {rows['baseline']['total_ms']:.1f} ms, decode(K={k_ref_label(result)}) "
+                     f"{rows['decode_ops']} top-level ATen ops, {rows['decode_host_syncs']} host syncs")
         for k in rows["spd"]["total_ms"]:
             lines.append(f"  K={k:>5}: decode {rows['spd']['decode_ms'][k]:.1f} ms, total {rows['spd']['total_ms'][k]:.1f} ms, "
                          f"SPD/base {rows['ratio_total'][k]:.2f}, {dtype}/{result['dtype']} total {ratio[k]:.2f}")

@@ -165,8 +165,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                        seed=args.seed, eval_crop=args.crop, min_depth=args.min_depth, max_depth=args.max_depth)
     import torch
 
+    from spd.models.precision import low_precision_copy
+
     device_type = torch.device(args.device).type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    if args.dtype == "bf16":
+        model = low_precision_copy(model)
     with autocast:
         metrics, acc = evaluate(model, dataset, args.protocol, args.k, args.chunk, args.crop, args.seed,
                                 args.min_depth, args.max_depth, args.device, limit=args.limit)

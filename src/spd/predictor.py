@@ -31,6 +31,7 @@ from spd.data.io import read_rgb
 from spd.data.transforms import normalize_image
 from spd.errors import UserInputError
 from spd.geometry.validation import validate_queries
+from spd.models.precision import low_precision_copy
 
 ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W, 3) uint8 | torch.Tensor (3, H, W)
 
@@ -110,7 +111,8 @@ class Predictor:
         chunk_size: points per decode call (the training K).
         seed: the fixed shuffle of large point sets (see module docstring).
         dtype: "fp32", or "bf16" (autocast: matmuls and convolutions in bf16; coordinates, softmax,
-            normalisation and the final exp stay fp32).
+            normalisation and the final exp stay fp32). A bf16 predictor runs a copy of the model
+            with those weights stored in bf16 once (`spd.models.precision`); `model` is unchanged.
         compile: decode through `torch.compile(fullgraph=True)` (CUDA graphs on CUDA), each chunk
             padded to a K bucket (`spd.chunked.K_BUCKETS`) so only a few shapes ever compile.
         buckets: override the K buckets (None: K_BUCKETS when compiling, exact sizes otherwise).
@@ -135,6 +137,8 @@ class Predictor:
             raise UserInputError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        if dtype == "bf16":
+            self.model = low_precision_copy(self.model)
         self.chunk_size = chunk_size
         self.seed = seed
         self.dtype = dtype

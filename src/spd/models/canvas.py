@@ -71,10 +71,9 @@ class CanvasSublayer(nn.Module):
         residuals update the maps in place, and the gated read of all three levels is one
         `embedding_bag`. -> read (B, K, d)."""
         batch, num_queries, d_model = h.shape
-        written = self.write(h).view(batch, num_queries, 1, 1, d_model)
-        contributions = (written * plan.soft_beta).view(-1, d_model)  # (B*K*3*4, d)
-        if contributions.dtype != canvas.dtype:
-            contributions = contributions.to(canvas.dtype)
+        written = self.write(h).view(batch, num_queries, 1, 1, d_model).to(canvas.dtype)
+        # In the canvas dtype (bf16 under autocast): a mixed-dtype product is several times slower on CPU.
+        contributions = (written * plan.soft_beta.to(canvas.dtype)).view(-1, d_model)  # (B*K*3*4, d)
         canvas.index_add_(0, plan.canvas_rows, contributions)
         l2, l3, l4 = maps
         l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)

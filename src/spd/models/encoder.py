@@ -13,6 +13,7 @@ from timm.models.convnext import ConvNeXtBlock, ConvNeXtStage
 from torch import nn
 
 from spd.models.encoder_weights import EncoderWeightsError, load_encoder_weights
+from spd.models.precision import keep_fp32
 
 
 def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,8 @@ class Encoder(nn.Module):
             raise ValueError(f"encoder {name} must give strides 4/8/16/32; it gives {self.strides}")
         stages = [m for _, m in self.backbone.items() if isinstance(m, ConvNeXtStage)]
         self.foldable = bool(stages) and all(_supports_folding(b) for s in stages for b in s.blocks)
+        if self.foldable:  # the fold scales fc2's weight in fp32 per image: a bf16 copy would round it twice
+            keep_fp32(*(b.mlp.fc2 for s in stages for b in s.blocks))
 
     def forward(self, images: torch.Tensor, folded: bool = False) -> list[torch.Tensor]:
         """`folded` (inference only: the caller decides, see `SPD.inference_paths`) runs the blocks

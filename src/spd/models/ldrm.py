@@ -115,7 +115,10 @@ class LocalRefinement(nn.Module):
         up_14 = bag_sum(table, rows.view(-1), weight.view(-1), bag_starts(n * 36, 4, table.device))
         up_14 = up_14.view(n, 6, 6, -1)  # up_14[2c-2+s : 2c+4+s] per axis, channels last
         feat_14 = F.gelu(F.conv2d(up_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
-        residual = F.linear(up_14[:, 1:-1, 1:-1], self.conv_residual.weight.flatten(1), self.conv_residual.bias)
+        # The 1x1 residual as one (16N, C) matmul: a strided 4-D input would make F.linear broadcast
+        # its weight into a batched matmul (a (4N, C, mid) copy of the weight under bf16 autocast).
+        centre = up_14[:, 1:-1, 1:-1].reshape(n * 16, -1)
+        residual = F.linear(centre, self.conv_residual.weight.flatten(1), self.conv_residual.bias).view(n, 4, 4, -1)
         feat_14 = feat_14.permute(0, 2, 3, 1) + residual  # (N, 4, 4, mid): feat_14[2c-1+s : 2c+3+s]
         start = ((f - 2 * s) * self.axis_code).sum(-1).long().view(-1)  # window start f+1-2s in {1, 2} per axis
         up_28 = torch.bmm(self.windows_28[start].to(feat_14.dtype), feat_14.reshape(n, 16, -1))  # up_28[4c+f-1 : 4c+f+3]

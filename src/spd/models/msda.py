@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd.models.precision import keep_fp32
 from spd.models.rows import LevelIndex, QueryRows, bag_sum, corner_rows
 
 ValueProjOrder = Literal["auto", "project_first", "sample_first"]
@@ -59,6 +60,7 @@ class MSDeformableAttention(nn.Module):
         self.value_proj_order = value_proj_order
         self.sampling_offsets = nn.Linear(d_model, n_heads * self.n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * self.n_levels * n_points)
+        keep_fp32(self.sampling_offsets, self.attention_weights)  # they run with autocast off
         self.value_proj = nn.ModuleList(
             nn.Linear(dim, d_model, bias=False) if level in projected_levels else nn.Identity()
             for level, dim in enumerate(level_dims)

@@ -17,6 +17,14 @@ from spd.predictor import Predictor
 
 __all__ = [
     "ModelConfig", "preset_config", "SPD", "EncodedFeatures", "build_model", "load_model", "save_model",
-    "CheckpointError", "Predictor", "InferencePaths",
+    "CheckpointError", "Predictor", "InferencePaths", "OnnxPredictor",
 ]
+
+
+def __getattr__(name: str):
+    if name == "OnnxPredictor":  # ONNX Runtime is an optional extra: imported on first use only
+        from spd.export.runtime import OnnxPredictor
+
+        return OnnxPredictor
+    raise AttributeError(f"module 'spd' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from spd.bench_train import sync_device, training_step_section
+from spd.errors import UserInputError
 from spd.build import build_model
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
 from spd.models.precision import low_precision_copy
@@ -227,6 +228,7 @@ def run_bench(
     channels_last: bool = False,
     compile_decode_ks: tuple[int, ...] = (),
     train_step: bool = True,
+    onnx: bool = False,
 ) -> dict:
     """Every figure of `spd bench`. The first dtype gives the main rows; each further dtype (bf16)
     its own rows and its total-time ratio to the first, measured in the same run."""
@@ -255,6 +257,13 @@ def run_bench(
             result[f"{other}_over_{primary}_total"] = {
                 k: result[other]["spd"]["total_ms"][k] / result["spd"]["total_ms"][k] for k in result["spd"]["total_ms"]
             }
+    if onnx:
+        if dev.type != "cpu":
+            raise UserInputError("--backend onnx times ONNX Runtime's CPU provider: use --device cpu")
+        from spd.export.bench_onnx import onnx_section
+
+        result["onnx"] = onnx_section(built.spd_model, built.baseline, built.image, built.queries, repeat,
+                                      torch.get_num_threads())
     if train_step:
         result["training_step"] = {dtype: training_step_section(device, dtype) for dtype in dtypes}
     _add_run_facts(result, s, ks, dtypes, compile, repeat, height, width, channels_last)
@@ -309,6 +318,10 @@ def format_bench(result: dict) -> str:
             f"decode(K={fast['k']}) {fast['decoder_fast_ms']:.1f} ms vs {fast['decoder_reference_ms']:.1f} ms reference paths"
         )
     lines += _format_extras(result)
+    if "onnx" in result:
+        from spd.export.bench_onnx import format_onnx
+
+        lines += format_onnx(result["onnx"], result)
     lines.append(f"peak memory {result['peak_memory_mb']:.0f} MB")
     return "\n".join(lines)
 

@@ -261,8 +261,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     rgb = image_to_uint8(args.image)
     points = _read_points(args, *rgb.shape[:2])
     check_points(points, *rgb.shape[:2])  # before the model loads: a bad point costs nothing
-    predictor = Predictor(_load_any_model(args.model, args.device), args.device, dtype=args.dtype,
-                          max_side=args.max_side or None)
+    if args.backend == "onnx":
+        if args.dtype != "fp32":
+            raise UserInputError("--backend onnx runs the exported graphs' own dtype: drop --dtype")
+        from spd.export.runtime import OnnxPredictor
+
+        predictor = OnnxPredictor(args.model, resize=bool(args.max_side))  # --max-side 0: never resize
+    else:
+        predictor = Predictor(_load_any_model(args.model, args.device), args.device, dtype=args.dtype,
+                              max_side=args.max_side or None)
     depth = predictor.predict(rgb, points)
     if not np.isfinite(depth).all():
         raise UserInputError(f"the model returned non-finite depths at {int((~np.isfinite(depth)).sum())} points; "
@@ -291,6 +298,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from spd.export.onnx_export import check_export, export_onnx
+    from spd.models.spd import SPD
+
+    if args.dtype != "fp32":
+        raise UserInputError(f"--dtype {args.dtype}: only fp32 export is implemented so far")
+    model = _load_any_model(args.model, "cpu")
+    if not isinstance(model, SPD):
+        raise UserInputError(f"{args.model}: only SPD model folders export (the baseline is timed by `spd bench --backend onnx`)")
+    manifest = export_onnx(model, args.out, args.height, args.width, args.opset, source=str(args.model))
+    error = check_export(model, Path(args.out))
+    print(f"{args.out}: encoder.onnx + decoder.onnx (K dynamic) for {args.width}x{args.height} images, "
+          f"{manifest.parent / manifest.name}; ONNX Runtime vs PyTorch on a random image, 1000 points: "
+          f"max relative depth difference {error:.1e}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from spd.demo import run_demo
 
@@ -303,7 +329,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     ks, compile_ks = args.k, args.compile_decode or ()
     result = run_bench(args.height, args.width, ks, args.device, tuple(args.dtype.split(",")), args.compile, args.repeat,
-                       args.baseline_input, args.channels_last, compile_ks, not args.no_train_step)
+                       args.baseline_input, args.channels_last, compile_ks, not args.no_train_step, args.backend == "onnx")
     print(format_bench(result))
     if args.json:
         write_json(result, args.json)
@@ -385,8 +411,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast inference (default fp32)")
     p.add_argument("--max-side", type=_non_negative_int, default=640,
                    help="resize images whose long side is larger to this before the model (points stay in your "
-                        "pixels; default 640, the training frames' long side; 0 = never)")
+                        "pixels; default 640, the training frames' long side; 0 = never). With --backend onnx an "
+                        "image is resized to the exported size when its aspect ratio matches; 0 = never)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="torch: a model folder; onnx: an `spd export` folder on ONNX Runtime (default torch)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="write encoder.onnx + decoder.onnx (K dynamic) + manifest.json, checked against PyTorch")
+    p.add_argument("--model", required=True, help="SPD model folder or Hub id")
+    p.add_argument("--out", required=True, help="export folder (created)")
+    p.add_argument("--height", type=_positive_int, default=480, help="image height the graphs take (default 480)")
+    p.add_argument("--width", type=_positive_int, default=640, help="image width the graphs take (default 640)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph dtype (fp32; fp16 not implemented yet)")
+    p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: the exporter's, 18 or newer)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="end to end on synthetic data: data, training, evaluation, figures (CPU, minutes)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
@@ -413,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=_positive_int, default=7, help="timed runs per figure; the median is reported (default 7)")
     p.add_argument("--baseline-input", choices=["fair", "official"], default="fair",
                    help="fair: 476x644 for 480x640 (same pixel count); official: short side 518")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: also export both models and time them on ONNX Runtime (CPU), beside the PyTorch rows")
     p.add_argument("--json", default=None, help="write all figures as JSON here")
     p.add_argument("--plot", default=None, help="write a time-vs-K plot (PNG) here")
     p.set_defaults(func=_cmd_bench)

@@ -79,6 +79,11 @@ def image_to_uint8(image: ImageLike) -> np.ndarray:
     raise UserInputError(f"image dtype {array.dtype} not supported: use uint8 or float in [0, 1]")
 
 
+def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3) uint8, bilinear (PIL, as every backend resizes)."""
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None))
+
+
 def check_points(points, height: int, width: int) -> torch.Tensor:
     """(K, 2) pixel (u, v) in any array form -> float32 tensor, checked by the model's own rule
     (`validate_queries`); ValueError naming the first bad point."""
@@ -169,15 +174,23 @@ class Predictor:
     def encode(self, image: ImageLike) -> ImageFeatures:
         rgb = image_to_uint8(image)
         height, width = rgb.shape[:2]
-        seen = rgb
-        if self.max_side is not None and max(height, width) > self.max_side:
-            factor = self.max_side / max(height, width)
-            size = (max(1, round(width * factor)), max(1, round(height * factor)))
-            seen = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, reducing_gap=None))
-        tensor = normalize_image(torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1))[None].to(self.device)
+        seen = self._model_image(rgb)
+        tensor = normalize_image(torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1))[None]
         scale = (seen.shape[1] / width, seen.shape[0] / height)
+        return ImageFeatures(self._encode_tensor(tensor), height, width, scale)
+
+    def _model_image(self, rgb: np.ndarray) -> np.ndarray:
+        """The (h, w, 3) uint8 image the model sees: `rgb`, or resized to `max_side`."""
+        height, width = rgb.shape[:2]
+        if self.max_side is None or max(height, width) <= self.max_side:
+            return rgb
+        factor = self.max_side / max(height, width)
+        return resize_rgb(rgb, max(1, round(height * factor)), max(1, round(width * factor)))
+
+    def _encode_tensor(self, tensor: torch.Tensor):
+        """(1, 3, h, w) normalised -> the model's features."""
         with self._autocast():
-            return ImageFeatures(self.model.encode(tensor), height, width, scale)
+            return self.model.encode(tensor.to(self.device))
 
     @torch.inference_mode()
     def decode(self, features: ImageFeatures, points) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.models.rows import QueryRows, bag_sum
+from spd.models.rows import QueryRows, add_rows, bag_sum
 from spd.models.splat import SplatPlan, sample_at
 
 
@@ -74,7 +74,7 @@ class CanvasSublayer(nn.Module):
         written = self.write(h).view(batch, num_queries, 1, 1, d_model).to(canvas.dtype)
         # In the canvas dtype (bf16 under autocast): a mixed-dtype product is several times slower on CPU.
         contributions = (written * plan.soft_beta.to(canvas.dtype)).view(-1, d_model)  # (B*K*3*4, d)
-        canvas.index_add_(0, plan.canvas_rows, contributions)
+        add_rows(canvas, plan.canvas_rows, contributions)
         l2, l3, l4 = maps
         l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)
         gate = self.gate_l4_to_l3_fine(l3).add_(self.gate_l4_to_l3_coarse(l4_up)).sigmoid_()

@@ -19,9 +19,13 @@ for rows: the four cells around a continuous cell position and their weights. Th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+_export_ops = False  # see `export_ops`
 
 
 @dataclass(frozen=True)
@@ -122,14 +126,48 @@ def corner_rows(cells: torch.Tensor, index: LevelIndex) -> tuple[torch.Tensor, t
     return rows, weight
 
 
+@contextmanager
+def export_ops() -> Iterator[None]:
+    """Within this block the row reads and writes use the ops graph runtimes run well and right,
+    with the same numbers (up to summation order):
+
+    - `bag_sum` is a gather and a weighted sum over each bag instead of one `embedding_bag` (ONNX has
+      none; the exporter writes it as a Loop over the bags);
+    - `add_rows` is `scatter_add_` (ONNX ScatterElements, reduction add) instead of `index_add_`,
+      which exports as ScatterND (reduction add): ONNX Runtime's CPU ScatterND adds duplicate indices
+      from several threads without synchronisation and returns wrong, run-to-run different sums
+      (microsoft/onnxruntime#18048, #23396; the canvas write has duplicates whenever queries share a cell).
+    """
+    global _export_ops
+    previous, _export_ops = _export_ops, True
+    try:
+        yield
+    finally:
+        _export_ops = previous
+
+
+def add_rows(target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """target[rows[j]] += values[j] for every j (rows may repeat), in place; returns target.
+
+    Shape: target (R,) or (R, C); rows (N,) long; values (N,) or (N, C)."""
+    if _export_ops:
+        index = rows if target.dim() == 1 else rows.unsqueeze(-1).expand(-1, target.shape[1])
+        return target.scatter_add_(0, index, values)
+    return target.index_add_(0, rows, values)
+
+
 def bag_sum(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     """sum_j weights[j] * table[rows[j]] over each bag in one `embedding_bag`: any number of bilinear
-    reads at once without materialising the gathered rows.
+    reads at once without materialising the gathered rows (every bag has the same size J).
 
     Shape: rows, weights (N * J,) flat; starts (N,) = 0, J, 2J, ... (each bag's first entry) -> (N, C).
     """
     if weights.dtype != table.dtype:
         weights = weights.to(table.dtype)
+    if _export_ops:
+        bags = starts.shape[0]
+        gathered = table[rows].view(bags, -1, table.shape[1])  # (N, J, C)
+        return (gathered * weights.view(bags, -1, 1)).sum(1)
     return torch.embedding_bag(table, rows, starts, False, 0, False, weights)[0]  # mode 0 = sum
 
 
@@ -176,7 +214,7 @@ def query_rows(grid: torch.Tensor, mask: torch.Tensor, seed: LevelIndex, extent:
     beta = beta.view(batch, num_queries, 4, 4) * mask.view(batch, num_queries, 1, 1)
     canvas_rows = (rows.view(batch, num_queries, 4, 4)[:, :, 1:] - canvas_start).reshape(-1)  # (B*K*3*4,)
     beta_canvas = beta[:, :, 1:]
-    weight_sum = beta.new_zeros(canvas_size).index_add_(0, canvas_rows, beta_canvas.reshape(-1))
+    weight_sum = add_rows(beta.new_zeros(canvas_size), canvas_rows, beta_canvas.reshape(-1))
     soft_beta = beta_canvas / (weight_sum[canvas_rows].view(beta_canvas.shape) + 1.0)
     starts4 = bag_starts(batch * num_queries * 4, 4, grid.device)
     heads, bag = msda_bags

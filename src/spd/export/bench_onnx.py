@@ -1,0 +1,105 @@
+"""`spd bench --backend onnx`: both models exported and timed on ONNX Runtime, as the PyTorch rows.
+
+SPD goes through `spd export` (encoder.onnx + decoder.onnx); the DAv2-S baseline is exported the
+same way (dynamo exporter, fp32) as one graph image + queries -> depth at the queries (its dense
+forward, then the bilinear read). Same image, same queries, same ORT session options for both.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spd.export.onnx_export import export_onnx
+
+
+class BaselineGraph(nn.Module):
+    """image (1, 3, H, W), queries (1, K, 2) -> depth (1, K): the baseline's whole forward."""
+
+    def __init__(self, baseline: nn.Module) -> None:
+        super().__init__()
+        self.baseline = baseline
+
+    def forward(self, image: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
+        return self.baseline.decode(self.baseline.encode(image), queries, mask, check_values=False)
+
+
+def export_baseline(baseline: nn.Module, path: Path, height: int, width: int) -> None:
+    image = torch.zeros(1, 3, height, width)
+    queries = torch.rand(1, 8, 2) * torch.tensor([width - 1.0, height - 1.0])
+    k = torch.export.Dim("K", min=1, max=1 << 20)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(BaselineGraph(baseline.cpu().eval()), (image, queries), dynamo=True,
+                                    input_names=["image", "queries"], output_names=["depth"],
+                                    dynamic_shapes=({}, {1: k}), verbose=False)
+    program.save(str(path))
+
+
+def onnx_section(spd_model, baseline, image: torch.Tensor, queries: dict[int, torch.Tensor], repeat: int,
+                 threads: int) -> dict:
+    """ONNX Runtime rows: SPD encode, decode(K), total(K) paired with the baseline's total(K), ratios."""
+    import onnxruntime as ort
+
+    from spd.export.runtime import OnnxPredictor
+
+    height, width = image.shape[-2:]
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(spd_model, tmp, height, width)
+        export_baseline(baseline, Path(tmp) / "baseline.onnx", height, width)
+        predictor = OnnxPredictor(tmp, threads=threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        base_session = ort.InferenceSession(str(Path(tmp) / "baseline.onnx"), options, providers=["CPUExecutionProvider"])
+        image_np = image.cpu().numpy()
+        encode = lambda: predictor._encode_tensor(image.cpu())  # noqa: E731
+        features = encode()
+        result: dict = {"spd": {"decode_ms": {}, "total_ms": {}}, "baseline": {}, "ratio_total": {}, "threads": threads}
+        result["spd"]["encode_ms"] = _median_ms(encode, repeat)
+        for k, q in queries.items():
+            q = q.cpu()
+            mask = torch.ones(q.shape[:2], dtype=torch.bool)
+            decode = lambda: predictor._run_decoder(features, q, mask)  # noqa: E731
+            base = lambda: base_session.run(None, {"image": image_np, "queries": q.numpy()})  # noqa: E731
+            result["spd"]["decode_ms"][str(k)] = _median_ms(decode, repeat)
+            base()
+            runs = [(_median_ms(lambda: predictor._run_decoder(encode(), q, mask), 1, 0), _median_ms(base, 1, 0))
+                    for _ in range(repeat)]
+            result["spd"]["total_ms"][str(k)] = statistics.median(t for t, _ in runs)
+            result["baseline"].setdefault("total_ms_by_k", {})[str(k)] = statistics.median(b for _, b in runs)
+            result["ratio_total"][str(k)] = statistics.median(t / b for t, b in runs)
+        result["baseline"]["total_ms"] = statistics.median(result["baseline"]["total_ms_by_k"].values())
+    return result
+
+
+def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def format_onnx(section: dict, torch_result: dict) -> list[str]:
+    spd, base = section["spd"], section["baseline"]
+    lines = [f"ONNX Runtime (CPU, {section['threads'] or 'default'} threads, fp32): SPD encode {spd['encode_ms']:.1f} ms, "
+             f"DAv2-S total {base['total_ms']:.1f} ms"]
+    for k in spd["decode_ms"]:
+        torch_total = torch_result["spd"]["total_ms"].get(k)
+        versus = ""
+        if torch_total:
+            versus = f", PyTorch eager total {torch_total:.1f} ms (ORT/PyTorch {spd['total_ms'][k] / torch_total:.2f})"
+        lines.append(f"  K={k:>5}: decode {spd['decode_ms'][k]:.1f} ms, total {spd['total_ms'][k]:.1f} ms, "
+                     f"SPD/base {section['ratio_total'][k]:.2f}{versus}")
+    return lines
+

@@ -1,0 +1,145 @@
+"""`OnnxPredictor`: the `Predictor` interface on ONNX Runtime, over a folder written by `spd export`.
+
+    from spd import OnnxPredictor
+    p = OnnxPredictor("exports/v15_480x640")
+    depth_m = p.predict("room.jpg", [[320, 240], [10.5, 400]])
+
+Everything around the graphs is the PyTorch predictor's own code (image reading, normalisation,
+point checks, chunks of the training K with the same fixed-seed shuffle), so both backends see the
+same inputs. The graphs have a fixed image size: an image of another size with the same aspect ratio
+(within 1 %) is resized to it, as the PyTorch predictor resizes large images; anything else is
+refused with the exported size named (`resize=False` refuses every other size).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spd.errors import UserInputError
+from spd.export.onnx_export import DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE
+from spd.models.folder import CheckpointError, file_sha256
+from spd.predictor import Predictor, resize_rgb
+
+ASPECT_TOLERANCE = 0.01
+
+
+def read_manifest(folder: Path) -> dict:
+    """The export folder's manifest, checked against its two graph files (present, same SHA-256)."""
+    path = folder / MANIFEST_FILE
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: export folder not found (write one with `spd export`)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {folder} is not an `spd export` folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an SPD ONNX manifest (format {FORMAT!r} expected)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {manifest.get('format_version')!r}, this SPD reads {FORMAT_VERSION}")
+    for key, name in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
+        entry = manifest.get(key)
+        graph = folder / name
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            raise CheckpointError(f"{path}: no {key} entry with a sha256")
+        if not graph.is_file():
+            raise CheckpointError(f"{graph}: missing from the export folder")
+        if file_sha256(graph) != entry["sha256"]:
+            raise CheckpointError(f"{graph}: SHA-256 differs from the manifest's: the file is corrupted or not this export's")
+    for key in ("height", "width", "table_shape", "global_kv_shape"):
+        if key not in manifest:
+            raise CheckpointError(f"{path}: no {key!r}")
+    return manifest
+
+
+class OnnxPredictor(Predictor):
+    """`Predictor` (predict, encode, decode, predict_points3d, predict_batch) on ONNX Runtime.
+
+    Args:
+        folder: an `spd export` folder (manifest.json, encoder.onnx, decoder.onnx).
+        providers: ONNX Runtime execution providers (default CPU).
+        chunk_size, seed: as `Predictor` (points per decode call, fixed shuffle of large sets).
+        resize: resize images of another size with the exported aspect ratio to the exported size
+            (points stay in your pixels); False refuses every size but the exported one.
+        threads: ONNX Runtime's intra-op threads (0 = its default, all cores).
+    """
+
+    def __init__(self, folder: str | Path, providers: list[str] | None = None, chunk_size: int = 256, seed: int = 0,
+                 resize: bool = True, threads: int = 0) -> None:
+        ort = import_onnxruntime()
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.export_size = (int(self.manifest["height"]), int(self.manifest["width"]))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only
+        providers = providers or ["CPUExecutionProvider"]
+        self._encoder = _session(ort, self.folder / ENCODER_FILE, options, providers)
+        self._decoder = _session(ort, self.folder / DECODER_FILE, options, providers)
+        self._check_graphs()
+        self.device, self.model, self.dtype = torch.device("cpu"), None, "fp32"
+        self.chunk_size, self.seed, self.buckets, self.max_side, self.resize = chunk_size, seed, None, None, resize
+        self._decode = self._run_decoder
+
+    def _check_graphs(self) -> None:
+        """The sessions' inputs and outputs are the ones the manifest describes."""
+        for session, key in ((self._encoder, "encoder"), (self._decoder, "decoder")):
+            entry = self.manifest[key]
+            names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+            if names != (entry.get("inputs"), entry.get("outputs")):
+                raise CheckpointError(f"{self.folder / MANIFEST_FILE}: does not match {entry.get('file', key)} "
+                                      f"(graph inputs/outputs {names}, manifest {entry.get('inputs')}/{entry.get('outputs')})")
+        image_shape = self._encoder.get_inputs()[0].shape
+        if list(image_shape[-2:]) != list(self.export_size):
+            raise CheckpointError(f"{self.folder / MANIFEST_FILE}: says {self.export_size[0]}x{self.export_size[1]} "
+                                  f"but encoder.onnx takes {image_shape[-2]}x{image_shape[-1]} images")
+        table_shape = self._decoder.get_inputs()[0].shape
+        if list(table_shape) != list(self.manifest["table_shape"]):
+            raise CheckpointError(f"{self.folder / MANIFEST_FILE}: table shape {self.manifest['table_shape']} "
+                                  f"does not match decoder.onnx's {table_shape}")
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, device="cpu", **kwargs) -> "OnnxPredictor":
+        return cls(path_or_hub_id, **kwargs)
+
+    def _model_image(self, rgb: np.ndarray) -> np.ndarray:
+        height, width = rgb.shape[:2]
+        export_h, export_w = self.export_size
+        if (height, width) == (export_h, export_w):
+            return rgb
+        same_aspect = abs((width / height) / (export_w / export_h) - 1.0) <= ASPECT_TOLERANCE
+        if not self.resize or not same_aspect:
+            why = "resizing is off" if not self.resize else "its aspect ratio differs"
+            raise UserInputError(f"image is {width}x{height} but {self.folder} was exported for {export_w}x{export_h} "
+                                 f"images and {why}: resize or crop it, or export at this size "
+                                 f"(spd export --height {height} --width {width})")
+        return resize_rgb(rgb, export_h, export_w)
+
+    def _encode_tensor(self, tensor: torch.Tensor) -> tuple[np.ndarray, ...]:
+        return tuple(self._encoder.run(None, {"image": tensor.numpy()}))
+
+    def _run_decoder(self, features, queries: torch.Tensor, mask: torch.Tensor, check_values: bool = False) -> torch.Tensor:
+        table, keys, values = features
+        feed = {"table": table, "global_keys": keys, "global_values": values,
+                "queries": queries.numpy(), "mask": mask.numpy()}
+        return torch.from_numpy(self._decoder.run(None, feed)[0])
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise UserInputError('ONNX Runtime is not installed: pip install "spd[export]" (onnx, onnxruntime, onnxscript)') from err
+    return onnxruntime
+
+
+def _session(ort, path: Path, options, providers):
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
+        raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({str(err).splitlines()[0][:200]})") from err

@@ -1,0 +1,147 @@
+"""ONNX export (issue 14): v15-tiny (random weights) exported with `spd export`, run on ONNX Runtime,
+compared with PyTorch on the real NYU fixture frames; K symbolic; broken export folders refused."""
+
+import glob
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import spd
+from spd.cli import main
+
+pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
+import onnx  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nyu_real"
+FRAMES = sorted(glob.glob(str(FIXTURES / "*" / "rgb*")))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model):
+    """(model folder, export folder) of v15-tiny at NYU's 480 x 640, written through the CLI."""
+    root = tmp_path_factory.mktemp("export")
+    spd.save_model(tiny_model, root / "model")
+    assert main(["export", "--model", str(root / "model"), "--out", str(root / "onnx")]) == 0
+    return root / "model", root / "onnx"
+
+
+def test_onnx_runtime_matches_pytorch_on_real_frames(exported, tiny_model):
+    """One session of each graph answers K = 1, 7, 256, 1000 on every fixture frame within 1e-4."""
+    predictor = spd.OnnxPredictor(exported[1])
+    reference = spd.Predictor(tiny_model)
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for frame in FRAMES:
+        features_onnx, features_torch = predictor.encode(frame), reference.encode(frame)
+        for k in (1, 7, 256, 1000):
+            points = rng.uniform([0, 0], [639, 479], size=(k, 2))
+            got, want = predictor.decode(features_onnx, points), reference.decode(features_torch, points)
+            worst = max(worst, float(np.max(np.abs(got - want) / want)))
+    assert worst <= 1e-4, worst
+
+
+def test_one_decoder_call_takes_any_k(exported, tiny_model):
+    """The raw decoder graph, K = 1000 in one call (no chunks), twice: same as PyTorch, same each run
+    (ONNX Runtime's ScatterND-add races on duplicate indices; the export uses ScatterElements)."""
+    import torch
+
+    predictor = spd.OnnxPredictor(exported[1])
+    image = torch.randn(1, 3, 480, 640)
+    features = predictor._encode_tensor(image)
+    queries = torch.rand(1, 1000, 2) * torch.tensor([639.0, 479.0])
+    mask = torch.ones(1, 1000, dtype=torch.bool)
+    first, second = predictor._run_decoder(features, queries, mask), predictor._run_decoder(features, queries, mask)
+    with torch.no_grad():
+        want = tiny_model.decode(tiny_model.encode(image), queries, mask)
+    torch.testing.assert_close(first, want, rtol=1e-4, atol=0)
+    assert torch.equal(first, second)
+
+
+def test_decoder_k_is_symbolic_in_the_saved_graph(exported):
+    graph = onnx.load(str(exported[1] / "decoder.onnx"), load_external_data=False).graph
+    inputs = {i.name: i.type.tensor_type.shape.dim for i in graph.input}
+    assert inputs["queries"][1].dim_param and not inputs["queries"][1].dim_value
+    assert inputs["mask"][1].dim_param == inputs["queries"][1].dim_param
+    assert inputs["table"][0].dim_value > 0  # the image-size part is fixed
+    assert not any(node.op_type in ("GridSample", "Loop", "ScatterND") and _adds(node) for node in graph.node)
+
+
+def _adds(node) -> bool:
+    """GridSample and Loop always count; ScatterND only with reduction add (the racy one)."""
+    if node.op_type != "ScatterND":
+        return True
+    return any(a.name == "reduction" and a.s == b"add" for a in node.attribute)
+
+
+def _predict_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spd.cli", "predict", *args], capture_output=True, text=True)
+
+
+def test_cli_predict_onnx_prints_the_pytorch_depths(exported):
+    frame = str(FIXTURES / "sync" / "rgb_00050.jpg")
+    points = "10,10;320,240;639,479;100.5,400.25"
+    torch_run = _predict_cli("--model", str(exported[0]), "--image", frame, "--points", points)
+    onnx_run = _predict_cli("--model", str(exported[1]), "--backend", "onnx", "--image", frame, "--points", points)
+    assert torch_run.returncode == 0, torch_run.stderr
+    assert onnx_run.returncode == 0, onnx_run.stderr
+    assert onnx_run.stdout == torch_run.stdout
+    assert len(onnx_run.stdout.splitlines()) == 4
+
+
+def _broken_copy(exported, tmp_path, edit) -> Path:
+    folder = tmp_path / "broken"
+    shutil.copytree(exported[1], folder)
+    edit(folder)
+    return folder
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda f: (f / "encoder.onnx").unlink(), "encoder.onnx: missing"),
+    (lambda f: _corrupt(f / "decoder.onnx"), "decoder.onnx: SHA-256 differs"),
+    (lambda f: (f / "manifest.json").unlink(), "manifest.json: missing"),
+    (lambda f: (f / "manifest.json").write_text("{not json"), "unreadable manifest"),
+    (lambda f: _edit_manifest(f, height=240), "says 240x640 but encoder.onnx takes 480x640"),
+    (lambda f: _edit_manifest(f, table_shape=[1, 2]), "does not match decoder.onnx"),
+])
+def test_broken_export_folders_are_refused_in_one_line(exported, tmp_path, edit, expected):
+    folder = _broken_copy(exported, tmp_path, edit)
+    run = _predict_cli("--model", str(folder), "--backend", "onnx", "--image", FRAMES[0], "--points", "10,10")
+    assert run.returncode == 4
+    assert expected in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in run.stderr
+
+
+def test_wrong_image_size_is_refused_naming_the_exported_size(exported, tmp_path):
+    from PIL import Image
+
+    small = tmp_path / "small.png"
+    Image.open(FRAMES[0]).convert("RGB").resize((320, 240)).save(small)
+    square = tmp_path / "square.png"
+    Image.open(FRAMES[0]).convert("RGB").resize((300, 300)).save(square)
+    no_resize = _predict_cli("--model", str(exported[1]), "--backend", "onnx", "--image", str(small), "--points", "5,5",
+                             "--max-side", "0")
+    assert no_resize.returncode == 2
+    assert "image is 320x240 but" in no_resize.stderr and "exported for 640x480 images and resizing is off" in no_resize.stderr
+    other_aspect = _predict_cli("--model", str(exported[1]), "--backend", "onnx", "--image", str(square), "--points", "5,5")
+    assert other_aspect.returncode == 2
+    assert "its aspect ratio differs" in other_aspect.stderr
+    resized = _predict_cli("--model", str(exported[1]), "--backend", "onnx", "--image", str(small), "--points", "5,5")
+    assert resized.returncode == 0, resized.stderr

@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev,train,baseline]"
+	$(BIN)/pip install -q -e ".[dev,train,baseline,export,serve]"
 	touch $@
 
 install: $(VENV)/.installed

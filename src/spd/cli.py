@@ -215,11 +215,9 @@ def _read_points(args: argparse.Namespace, height: int, width: int):
         return np.array(points)
     if args.points_file is not None:
         return _read_points_file(args.points_file)
-    n = args.grid
-    u = (np.arange(n) + 0.5) * width / n - 0.5
-    v = (np.arange(n) + 0.5) * height / n - 0.5
-    uu, vv = np.meshgrid(u, v)
-    return np.stack([uu.ravel(), vv.ravel()], -1)
+    from spd.predictor import grid_points
+
+    return grid_points(args.grid, height, width)
 
 
 def _read_points_file(path: str):
@@ -315,6 +313,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"{manifest.parent / manifest.name}; ONNX Runtime vs PyTorch on a random image, 1000 points: "
           f"max relative depth difference {error:.1e}")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    try:
+        import uvicorn
+
+        from spd.serve.app import Limits, create_app
+        from spd.serve.cache import FeatureCache
+    except ImportError as err:
+        raise UserInputError(f'spd serve needs the [serve] extra: pip install "spd[serve]" ({err.name} is missing)') from None
+    with socket.socket() as probe:  # a taken port: one line now, not a uvicorn traceback later
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            raise UserInputError(f"cannot listen on {args.host}:{args.port} ({err.strerror})") from None
+    predictor, info = _serving_predictor(args)
+    cache = FeatureCache(int(args.cache_mb * 2**20), args.cache_ttl)
+    app = create_app(predictor, str(args.model), info, cache, Limits(max_points=args.max_points))
+    print(f"spd serve: {args.model} on http://{args.host}:{args.port}/ ({predictor.device}, {predictor.dtype}); "
+          "no authentication: put it behind your reverse proxy to expose it")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _serving_predictor(args: argparse.Namespace):
+    from spd.predictor import Predictor
+
+    if args.backend == "onnx":
+        from spd.export.runtime import OnnxPredictor
+
+        predictor = OnnxPredictor(args.model)
+        return predictor, {"backend": "onnx", **predictor.manifest["spd_config"]}
+    model = _load_any_model(args.model, args.device)
+    config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    return Predictor(model, args.device, dtype=args.dtype), {"backend": "torch", **config}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -425,6 +460,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph dtype (fp32; fp16 not implemented yet)")
     p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: the exporter's, 18 or newer)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP service: encode once, depth at many points; a click-for-depth page at /")
+    p.add_argument("--model", required=True, help="model folder or Hub id (an `spd export` folder with --backend onnx)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast inference (default fp32)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (ONNX Runtime)")
+    p.add_argument("--cache-mb", type=_positive_float, default=512.0,
+                   help="encoded images kept for image_id reuse, in MB (LRU; default 512, ~25 MB per 480x640 image)")
+    p.add_argument("--cache-ttl", type=_positive_float, default=600.0,
+                   help="seconds an unused encoded image is kept (default 600)")
+    p.add_argument("--max-points", type=_positive_int, default=65536, help="points per request (default 65536)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="end to end on synthetic data: data, training, evaluation, figures (CPU, minutes)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

@@ -11,7 +11,7 @@ import numpy as np
 from spd.errors import UserInputError
 
 
-def _checked(values, source: str) -> tuple[float, float, float, float]:
+def checked_intrinsics(values, source: str) -> tuple[float, float, float, float]:
     fx, fy, cx, cy = (float(v) for v in values)
     if not all(math.isfinite(v) for v in (fx, fy, cx, cy)) or fx <= 0 or fy <= 0:
         raise UserInputError(f"{source}: intrinsics need finite fx, fy > 0 and cx, cy; got {[fx, fy, cx, cy]}")
@@ -22,7 +22,7 @@ def _from_matrix(matrix, source: str) -> tuple[float, float, float, float]:
     k = np.asarray(matrix, dtype=np.float64)
     if k.shape != (3, 3):
         raise UserInputError(f"{source}: a camera matrix must be 3x3, got shape {k.shape}")
-    return _checked((k[0, 0], k[1, 1], k[0, 2], k[1, 2]), source)
+    return checked_intrinsics((k[0, 0], k[1, 1], k[0, 2], k[1, 2]), source)
 
 
 def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
@@ -36,7 +36,7 @@ def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
             values = []
         if len(values) != 4:
             raise UserInputError(f"--intrinsics needs fx,fy,cx,cy in pixels or a .npy/.json/.txt file, got {spec!r}")
-        return _checked(values, "--intrinsics")
+        return checked_intrinsics(values, "--intrinsics")
     if not path.is_file():
         raise UserInputError(f"{path}: intrinsics file not found")
     try:
@@ -47,7 +47,7 @@ def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
             if isinstance(data, dict) and "K" in data:
                 return _from_matrix(data["K"], str(path))
             if isinstance(data, dict) and {"fx", "fy", "cx", "cy"} <= set(data):
-                return _checked([data[k] for k in ("fx", "fy", "cx", "cy")], str(path))
+                return checked_intrinsics([data[k] for k in ("fx", "fy", "cx", "cy")], str(path))
             raise UserInputError(f"{path}: expected {{'fx', 'fy', 'cx', 'cy'}} or {{'K': 3x3}}")
         numbers = np.array(path.read_text().split(), dtype=np.float64)
     except (ValueError, OSError, TypeError) as err:
@@ -55,5 +55,5 @@ def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
     if numbers.size == 9:
         return _from_matrix(numbers.reshape(3, 3), str(path))
     if numbers.size == 4:
-        return _checked(numbers, str(path))
+        return checked_intrinsics(numbers, str(path))
     raise UserInputError(f"{path}: expected a 3x3 matrix or fx fy cx cy, found {numbers.size} numbers")

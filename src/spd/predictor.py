@@ -79,6 +79,14 @@ def image_to_uint8(image: ImageLike) -> np.ndarray:
     raise UserInputError(f"image dtype {array.dtype} not supported: use uint8 or float in [0, 1]")
 
 
+def grid_points(n: int, height: int, width: int) -> np.ndarray:
+    """An n x n grid of pixel points over an image, at the centres of n x n equal cells, row by row. (n*n, 2)."""
+    u = (np.arange(n) + 0.5) * width / n - 0.5
+    v = (np.arange(n) + 0.5) * height / n - 0.5
+    uu, vv = np.meshgrid(u, v)
+    return np.stack([uu.ravel(), vv.ravel()], -1)
+
+
 def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W, 3) uint8 -> (height, width, 3) uint8, bilinear (PIL, as every backend resizes)."""
     return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None))

@@ -156,3 +156,15 @@ def test_health_info_page_and_openapi(predictor):
     assert page.status_code == 200 and "/v1/depth" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # self-contained: no CDN
     assert "/v1/depth" in client.get("/openapi.json").json()["paths"]
+
+
+def test_load_check_runs_concurrent_clients_against_a_live_server(tiny_model, tmp_path):
+    """`spd loadcheck` end to end, short: a live server, its cache filled until it evicts, 3 clients."""
+    from spd.serve.loadcheck import run_loadcheck
+
+    folder = spd.save_model(tiny_model, tmp_path / "model")
+    result = run_loadcheck(str(folder), clients=3, seconds=3, points=16, images=2, cache_mb=24)
+    assert result.errors == 0, result.first_error
+    assert result.requests >= 3 and result.latency_p99_ms >= result.latency_p50_ms > 0
+    assert result.cache["evictions"] >= 1 and result.cache["bytes"] <= result.cache["max_bytes"]
+    assert result.server_peak_rss_mb > 0

@@ -339,6 +339,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loadcheck(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from spd.serve.loadcheck import run_loadcheck
+
+    serve_args = ["--dtype", args.dtype, "--backend", args.backend]
+    result = run_loadcheck(args.model, args.clients, args.seconds, args.points, args.images, args.cache_mb,
+                           serve_args=serve_args)
+    print(result.format())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    return 0 if result.errors == 0 else 1
+
+
 def _serving_predictor(args: argparse.Namespace):
     from spd.predictor import Predictor
 
@@ -474,6 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an unused encoded image is kept (default 600)")
     p.add_argument("--max-points", type=_positive_int, default=65536, help="points per request (default 65536)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("loadcheck", help="N concurrent clients for T seconds against a local spd serve (cache full)")
+    p.add_argument("--model", required=True, help="model folder for the server (as spd serve --model)")
+    p.add_argument("--clients", type=_positive_int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--seconds", type=_positive_float, default=30.0, help="duration (default 30)")
+    p.add_argument("--points", type=_positive_int, default=64, help="new random points per request (default 64)")
+    p.add_argument("--images", type=_positive_int, default=3, help="images the clients query (default 3)")
+    p.add_argument("--cache-mb", type=_positive_float, default=256.0, help="server cache bound, filled first (default 256)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the server's dtype (default fp32)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="the server's backend (default torch)")
+    p.add_argument("--json", default=None, help="write the figures as JSON here")
+    p.set_defaults(func=_cmd_loadcheck)
 
     p = sub.add_parser("demo", help="end to end on synthetic data: data, training, evaluation, figures (CPU, minutes)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

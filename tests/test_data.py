@@ -90,9 +90,13 @@ def test_augmentation_without_rotation_keeps_exact_alignment(tmp_path):
     assert len(flips) > 1  # crops/flips really change between epochs
 
 
-def test_augmentation_with_rotation_keeps_alignment(tmp_path):
+@pytest.mark.parametrize("box", [None, "nyu"], ids=["crop-then-rotate", "nyu-box-rotate-then-crop"])
+def test_augmentation_with_rotation_keeps_alignment(tmp_path, box):
+    from spd.data.transforms import NYU_BTS_BOX
+
     filelist = _block_frame(tmp_path)
-    dataset = NYUDepth(tmp_path, filelist, split="train", rotation_deg=2.5, color_p=0.0)
+    dataset = NYUDepth(tmp_path, filelist, split="train", rotation_deg=2.5, color_p=0.0,
+                       valid_box=NYU_BTS_BOX if box else None)
     for epoch in range(4):
         dataset.set_epoch(epoch)
         sample = dataset[0]
@@ -100,7 +104,8 @@ def test_augmentation_with_rotation_keeps_alignment(tmp_path):
         error = (_red_to_depth(sample["image"]) - sample["depth"][0]).abs()[valid]
         # Bilinear image vs nearest depth agree except on the 1-px seams between blocks.
         assert (error < 1e-3).float().mean() > 0.85
-        assert not valid[0, 0] or not valid[0, -1] or not valid[-1, 0]  # rotated-in corners are holes
+        if box is None:  # rotating the crop brings in black corners (BTS's order mostly crops them away)
+            assert not valid[0, 0] or not valid[0, -1] or not valid[-1, 0]
 
 
 def test_same_epoch_and_index_give_the_same_sample(tmp_path):
@@ -233,3 +238,51 @@ def test_labeled_mat_official_split(tmp_path):
     assert sample["id"] == "labeled_00008"
     assert torch.equal(sample["depth"][0], torch.from_numpy(depths[8].T.copy()))
     torch.testing.assert_close(_unnormalise(sample["image"]), torch.from_numpy(images[8].transpose(0, 2, 1) / 255.0).float())
+
+
+def _locate(window: np.ndarray, frame: np.ndarray) -> tuple[int, int, bool]:
+    """(top, left, flipped) of `window` inside `frame` (exact match, or its mirror image)."""
+    height, width = window.shape
+    for flipped in (False, True):
+        target = window[:, ::-1] if flipped else window
+        strip = target[height // 2, :32]
+        for top in range(frame.shape[0] - height + 1):
+            row = frame[top + height // 2]
+            for left in range(frame.shape[1] - width + 1):
+                if not np.array_equal(row[left : left + 32], strip):
+                    continue
+                if np.array_equal(frame[top : top + height, left : left + width], target):
+                    return top, left, flipped
+    raise AssertionError("the crop is not a window of the frame")
+
+
+def test_nyu_training_crops_lie_inside_the_bts_box_with_most_of_its_valid_depth(tmp_path):
+    """BTS's NYU recipe on the real sync frames: every 416x544 crop (rotation off, to find it) lies
+    inside the box (43, 45, 608, 472), and holds >= 90 % of the box's valid-depth share."""
+    from spd.data.transforms import NYU_BTS_BOX
+
+    names = [("rgb_00000.jpg", "sync_depth_00000.png"), ("rgb_00050.jpg", "sync_depth_00050.png"),
+             ("rgb_00100.jpg", "sync_depth_00100.png")]
+    (tmp_path / "list.txt").write_text("".join(f"{rgb} {depth} 518.8579\n" for rgb, depth in names))
+    dataset = NYUDepth(FIXTURES / "sync", tmp_path / "list.txt", split="train", rotation_deg=0, color_p=0)
+    left, upper, right, lower = NYU_BTS_BOX
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        for index, (_, depth_name) in enumerate(names):
+            frame = read_depth_png(FIXTURES / "sync" / depth_name)
+            crop = dataset[index]["depth"][0].numpy()
+            top, start, _ = _locate(crop, frame)
+            assert upper <= top and top + 416 <= lower and left <= start and start + 544 <= right
+            box_share = (frame[upper:lower, left:right] > 1e-3).mean()
+            assert (crop > 1e-3).mean() >= 0.9 * box_share
+
+
+def test_nyu_recipe_rotates_before_the_random_crop():
+    """BTS's order: box -> rotation -> random crop; the generic order (other sizes) crops first."""
+    from torchvision.transforms import v2
+
+    from spd.data.transforms import train_transform
+
+    kinds = lambda t: [type(step) for step in t.transforms][:2]  # noqa: E731
+    assert kinds(train_transform(rotate_first=True)) == [v2.RandomRotation, v2.RandomCrop]
+    assert kinds(train_transform()) == [v2.RandomCrop, v2.RandomRotation]

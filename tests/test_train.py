@@ -295,3 +295,28 @@ def test_bf16_autocast_training_step_runs_with_finite_gradients():
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_init_from_starts_a_new_run_from_saved_weights(tmp_path, synth_root, straight_run):
+    """`spd train --init-from MODEL_DIR`: the saved weights, a fresh optimiser (step 1 again), the
+    source's checksum in metrics.jsonl; a model whose architecture differs is refused by name."""
+    from spd.engine.train import init_weights_from
+    from spd.errors import ConfigError
+    from spd.models.folder import read_config_dict
+
+    source = straight_run / "checkpoints" / "last"
+    model = spd.build_model("v15-tiny", warn_random_encoder=False)
+    init_weights_from(model, str(source))
+    saved = load_file(str(source / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in saved.items())
+    other = spd.SPD(spd.preset_config("v15-tiny", use_ldrm=False), warn_random_encoder=False)
+    with pytest.raises(ConfigError, match="use_ldrm"):
+        init_weights_from(other, str(source))
+
+    run = tmp_path / "finetune"
+    command, env = _spd_train(run, synth_root, [], 2)
+    subprocess.run([*command, "--init-from", str(source)], env=env, check=True, capture_output=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    init = [r for r in rows if r["kind"] == "init_from"]
+    assert init and init[0]["weights_sha256"] == read_config_dict(source)["weights_sha256"]
+    assert sorted(_train_losses(run)) == [1, 2]

@@ -121,6 +121,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise DataLayoutError(f"--data-root {args.data_root}: not a folder")
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps
+    if args.init_from is not None:
+        cfg.init_from = args.init_from
     result = train(cfg, args.data_root, args.out, resume=args.resume, overwrite=args.overwrite)
     if result["stopped"] == "preempted":
         return EXIT_PREEMPTED  # saved; a scheduler may requeue the job with --resume
@@ -299,7 +301,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from spd.export.onnx_export import check_export, export_onnx
+    from spd.export.onnx_export import export_onnx
+    from spd.export.runtime import check_export
     from spd.models.spd import SPD
 
     if args.dtype != "fp32":
@@ -417,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive_int, default=None,
                    help="total optimiser steps (a resumed run stops at the same step)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoints/last if it exists")
+    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="start from a saved SPD model's weights (fine-tuning: new optimiser and schedule; "
+                        "the model config must match)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that already holds a run (deletes it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, dotted keys: --set optim.lr=3e-4 --set model.use_ldrm=false")

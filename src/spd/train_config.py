@@ -124,6 +124,7 @@ class TrainConfig:
     keep_last: int = 2  # step_* checkpoint folders kept besides last/ and best/
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     save_first_step_grads: bool = False  # write RUN_DIR/first_step_grads.safetensors (scale-out checks)
+    init_from: str | None = None  # a saved SPD model folder whose weights start the run (fine-tuning; new optimiser)
 
     RULES: ClassVar[dict[str, Rule]] = {
         "epochs": (positive, "> 0"), "max_steps": (optional(positive), "null or > 0"), "batch_size": (positive, "> 0"),

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from spd.data.io import NYU_FOCAL, DataError, read_depth_png, read_rgb
 from spd.data.queries import CropName, sample_eval_queries, sample_uniform_queries
-from spd.data.transforms import apply, test_transform, train_transform
+from spd.data.transforms import NYU_BTS_BOX, NYU_FRAME_SIZE, apply, crop_box, test_transform, train_transform
 
 Split = Literal["train", "test"]
 
@@ -96,6 +96,7 @@ class DepthDataset(Dataset):
         max_depth: float = 10.0,
         seed: int = 0,
         eval_crop: CropName = "eigen",
+        valid_box: tuple[int, int, int, int] | None = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -105,6 +106,10 @@ class DepthDataset(Dataset):
         self.seed, self.eval_crop = seed, eval_crop
         self.epoch = 0
         self.transform = train_transform(self.crop_size, rotation_deg, color_p) if split == "train" else test_transform()
+        # The NYU recipe (BTS): training frames of NYU's size are first cut to the box that holds
+        # registered depth, then rotated, then randomly cropped. Other sizes: the generic order.
+        self.valid_box = valid_box if split == "train" else None
+        self.box_transform = train_transform(self.crop_size, rotation_deg, color_p, rotate_first=True) if self.valid_box else None
 
     def set_epoch(self, epoch: int) -> None:
         """New augmentation and query draws each epoch (call before iterating, like DistributedSampler)."""
@@ -122,13 +127,17 @@ class DepthDataset(Dataset):
         depth_t = torch.from_numpy(np.ascontiguousarray(depth))[None]
         generator = None
         if self.split == "train":
+            transform = self.transform
+            if self.valid_box is not None and tuple(image.shape[1:]) == NYU_FRAME_SIZE:
+                image, depth_t = crop_box(image, depth_t, self.valid_box)
+                transform = self.box_transform
             if self.crop_size and (image.shape[1] < self.crop_size[0] or image.shape[2] < self.crop_size[1]):
                 raise DataError(where, f"image {image.shape[2]}x{image.shape[1]} is smaller than the crop {self.crop_size}")
             seed = sample_seed(self.seed, self.epoch, index)
             generator = torch.Generator().manual_seed(seed)
             with torch.random.fork_rng(devices=[]):  # v2 transforms draw from the global RNG
                 torch.manual_seed(seed)
-                image, depth_t = apply(self.transform, image, depth_t)
+                image, depth_t = apply(transform, image, depth_t)
         else:
             image, depth_t = apply(self.transform, image, depth_t)
         valid = (depth_t > self.min_depth) & (depth_t <= self.max_depth)
@@ -150,8 +159,9 @@ class NYUDepth(DepthDataset):
         NYUDepth("nyu/official_splits/test", spd.data.NYU_TEST_LIST, split="test")
     """
 
-    def __init__(self, root: str | Path, filelist: str | Path, split: Split = "train", **kwargs) -> None:
-        super().__init__(split, **kwargs)
+    def __init__(self, root: str | Path, filelist: str | Path, split: Split = "train",
+                 valid_box: tuple[int, int, int, int] | None = NYU_BTS_BOX, **kwargs) -> None:
+        super().__init__(split, valid_box=valid_box, **kwargs)
         self.root = Path(root)
         self.entries = read_filelist(root, filelist)
 

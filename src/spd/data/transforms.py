@@ -41,15 +41,28 @@ class BTSColorJitter(v2.Transform):
         return tv_tensors.wrap(out.clamp(0, 1), like=inpt)
 
 
+# BTS's NYU training box, a PIL box (left, upper, right, lower) on the 640x480 frames: outside it the
+# registered sync depth is (almost) all 0 — 2 % valid above row 45, 0 % right of column 608 on the
+# real fixture frames (cleinc/bts pytorch/bts_dataloader.py crops every NYU training frame to it).
+NYU_BTS_BOX = (43, 45, 608, 472)
+NYU_FRAME_SIZE = (480, 640)
+
+
+def crop_box(image: torch.Tensor, depth: torch.Tensor, box: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """image (3, H, W), depth (1, H, W) cut to a PIL-style box (left, upper, right, lower)."""
+    left, upper, right, lower = box
+    return image[:, upper:lower, left:right], depth[:, upper:lower, left:right]
+
+
 def train_transform(
-    crop_size: tuple[int, int] | None = (416, 544), rotation_deg: float = 2.5, color_p: float = 0.5
+    crop_size: tuple[int, int] | None = (416, 544), rotation_deg: float = 2.5, color_p: float = 0.5,
+    rotate_first: bool = False,
 ) -> v2.Compose:
-    """Random crop -> rotation -> horizontal flip -> colour (p = `color_p`) -> ImageNet normalisation."""
-    steps: list[v2.Transform] = []
-    if crop_size is not None:
-        steps.append(v2.RandomCrop(crop_size))
-    if rotation_deg > 0:
-        steps.append(v2.RandomRotation(rotation_deg, interpolation=v2.InterpolationMode.BILINEAR, fill=0))
+    """Random crop -> rotation (or, with `rotate_first`, BTS's NYU order: rotation -> random crop) ->
+    horizontal flip -> colour (p = `color_p`) -> ImageNet normalisation."""
+    crop = [v2.RandomCrop(crop_size)] if crop_size is not None else []
+    rotate = [v2.RandomRotation(rotation_deg, interpolation=v2.InterpolationMode.BILINEAR, fill=0)] if rotation_deg > 0 else []
+    steps: list[v2.Transform] = rotate + crop if rotate_first else crop + rotate
     steps += [
         v2.RandomHorizontalFlip(0.5),
         v2.RandomApply([BTSColorJitter()], p=color_p),

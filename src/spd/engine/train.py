@@ -45,6 +45,29 @@ def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
     return SPD(cfg.model_config())
 
 
+ARCHITECTURE_INDEPENDENT = {"encoder_weights", "encoder_fast", "decoder_fast", "ldrm_fast"}  # may differ in --init-from
+
+
+def init_weights_from(model: torch.nn.Module, folder: str) -> dict:
+    """Loads a saved SPD model folder's weights into `model`, the start of a fine-tuning run. Its model
+    config must equal the run's in every architecture field (ConfigError listing the differences).
+    Returns {"folder", "weights_sha256"} for the run log."""
+    from spd.errors import ConfigError
+    from spd.models.folder import WEIGHTS_SHA256, read_config_dict, resolve_model_folder
+    from spd.models.spd import load_model
+
+    if not isinstance(model, SPD):
+        raise ConfigError(f"init_from {folder}: takes an SPD model folder, and this run trains the baseline")
+    source = load_model(folder)  # strict, checksum-verified
+    mine, theirs = model.config.to_dict(), source.config.to_dict()
+    differences = [f"{key} ({theirs.get(key)!r} there, {value!r} here)" for key, value in mine.items()
+                   if key not in ARCHITECTURE_INDEPENDENT and theirs.get(key) != value]
+    if differences:
+        raise ConfigError(f"init_from {folder}: its model differs from this run's in {', '.join(differences)}")
+    model.load_state_dict(source.state_dict(), strict=True)
+    return {"folder": str(folder), "weights_sha256": read_config_dict(resolve_model_folder(folder)).get(WEIGHTS_SHA256)}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the model's groups. Fused: it skips a non-finite step on the device (`found_inf`)
     and keeps its step counts on the device, so an optimiser step never syncs with the host."""
@@ -69,6 +92,11 @@ def build_session(cfg: TrainConfig, data_root: str | Path, run_dir: Path, info: 
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     logger = RunLogger(run_dir, info.is_main)
+    if cfg.init_from is not None:
+        source = init_weights_from(model, cfg.init_from)
+        logger.log(0, "init_from", source)
+        if info.is_main:
+            print(f"weights from {source['folder']} (sha256 {source['weights_sha256']}); new optimiser and schedule")
     if isinstance(model, SPD) and model.encoder.weights_info is not None:
         # Which file the encoder started from, provably: path, SHA-256 and the tensors it filled.
         logger.log(0, "encoder_weights", model.encoder.weights_info)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from spd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from spd.errors import SPDError, UserInputError
+from spd.errors import UserInputError
 from spd.export.graphs import DecoderGraph, EncoderGraph
 from spd.models.folder import atomic_write, file_sha256
 from spd.models.rows import export_ops
@@ -100,29 +100,3 @@ def _opset_of(path: Path) -> int:
     proto = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
-
-def check_export(model: SPD, folder: Path, points: int = 1000, seed: int = 0) -> float:
-    """Max relative depth difference between ONNX Runtime (the export in `folder`) and PyTorch on a
-    random image at `points` random points, decoded in the predictor's chunks. Raises ExportMismatch
-    above 1e-3 (fp32 graphs agree to ~1e-5)."""
-    import numpy as np
-
-    from spd.export.runtime import OnnxPredictor
-    from spd.predictor import Predictor
-
-    onnx_predictor = OnnxPredictor(folder)
-    height, width = onnx_predictor.export_size
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    where = rng.uniform([0, 0], [width - 1, height - 1], size=(points, 2))
-    reference = Predictor(model, max_side=None).predict(image, where)
-    exported = onnx_predictor.predict(image, where)
-    error = float(np.max(np.abs(exported - reference) / np.abs(reference)))
-    if not error <= 1e-3:
-        raise ExportMismatch(f"{folder}: ONNX Runtime depths differ from PyTorch by up to {error:.1e} (relative): "
-                             "the exported graphs are wrong; please report it")
-    return error
-
-
-class ExportMismatch(SPDError):
-    exit_code = 1

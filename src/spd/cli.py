@@ -87,9 +87,10 @@ def _device(text: str) -> str:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from spd.data.synthetic import generate
 
-    out = generate(args.out, args.n_train, args.n_test, args.size, args.holes, args.seed, args.workers)
+    out = generate(args.out, args.n_train, args.n_test, args.size, args.holes, args.seed, args.workers, sparse=args.sparse)
     print(f"wrote {args.n_train} train + {args.n_test} test frames to {out} "
-          f"(lists: {out / 'train_files.txt'}, {out / 'test_files.txt'})")
+          f"(lists: {out / 'train_files.txt'}, {out / 'test_files.txt'}; descriptions: {out / 'dense.yaml'}"
+          + (f", {out / 'sparse.yaml'} with {args.sparse} labels per image)" if args.sparse else ")"))
     return 0
 
 
@@ -99,6 +100,16 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     from spd.data.check import check_dataset
     from spd.errors import DataLayoutError
 
+    if args.dataset is not None:
+        from spd.data.check import check_description
+
+        if not Path(args.dataset).is_file():
+            raise DataLayoutError(f"--dataset {args.dataset}: not found")
+        report = check_description(args.dataset, args.min_depth, args.max_depth)
+        print(report.summary())
+        return 0 if report.ok else 1
+    if args.root is None or args.filelist is None:
+        raise UserInputError("give --dataset DESCRIPTION.yaml, or --root and --filelist (the NYU layout)")
     for flag, path in (("--filelist", args.filelist), ("--root", args.root)):
         if not Path(path).exists():  # an argument mistake, not a finding of the check
             raise DataLayoutError(f"{flag} {path}: not found")
@@ -116,9 +127,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from spd.errors import DataLayoutError
 
+    from spd.data.described import is_description, read_description
+
     cfg = load_config(args.config, args.set)
-    if not Path(args.data_root).is_dir():  # before the run folder is touched
-        raise DataLayoutError(f"--data-root {args.data_root}: not a folder")
+    if is_description(args.data_root):
+        read_description(args.data_root)  # before the run folder is touched
+    elif not Path(args.data_root).is_dir():
+        raise DataLayoutError(f"--data-root {args.data_root}: not a folder (or a dataset description .yaml)")
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps
     if args.init_from is not None:
@@ -160,11 +175,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from spd.engine.evaluate import evaluate
     from spd.metrics import format_metrics
 
+    from spd.data.described import DescribedDepth, is_description
+
     root = Path(args.data_root)
-    filelist = resolve_split_list(root, args.filelist, "test")
+    queries = args.k if args.protocol == "sparse" else None
+    if is_description(root):  # your own data: its `list`, no NYU crop
+        filelist, args.crop = root, "none"
+        dataset = DescribedDepth(root, "test", num_queries=queries, seed=args.seed, min_depth=args.min_depth,
+                                 max_depth=args.max_depth)
+    else:
+        filelist = resolve_split_list(root, args.filelist, "test")
+        dataset = NYUDepth(root / args.test_dir, filelist, split="test", num_queries=queries, seed=args.seed,
+                           eval_crop=args.crop, min_depth=args.min_depth, max_depth=args.max_depth)
     model = _load_any_model(args.model, args.device)
-    dataset = NYUDepth(root / args.test_dir, filelist, split="test", num_queries=args.k if args.protocol == "sparse" else None,
-                       seed=args.seed, eval_crop=args.crop, min_depth=args.min_depth, max_depth=args.max_depth)
     import torch
 
     from spd.models.precision import low_precision_copy
@@ -544,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=_positive_int, required=True, help="test frames")
     p.add_argument("--size", type=_parse_size, default=(480, 640), help="HxW (default 480x640, NYU's size)")
     p.add_argument("--holes", action="store_true", help="add Kinect-like holes (depth 0) to the depth maps")
+    p.add_argument("--sparse", type=_non_negative_int, default=0,
+                   help="also write sparse.yaml: N point labels (u,v,depth_m CSV) per image (default 0: none)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="frame i depends only on (seed, split, i)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_cmd_synth)
@@ -551,8 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data_sub.add_parser("check", help="validate every file of a split list and print a summary")
-    p.add_argument("--root", required=True, help="folder the list's paths are relative to (e.g. nyu/sync)")
-    p.add_argument("--filelist", required=True, help="split list: 'rgb depth focal' per line")
+    p.add_argument("--root", default=None, help="folder the list's paths are relative to (e.g. nyu/sync)")
+    p.add_argument("--filelist", default=None, help="split list: 'rgb depth focal' per line")
+    p.add_argument("--dataset", default=None, help="or a dataset description (.yaml): your own data, dense or sparse labels")
     p.add_argument("--min-depth", type=_positive_float, default=1e-3, help="valid depth > this (m)")
     p.add_argument("--max-depth", type=_positive_float, default=10.0, help="valid depth <= this (m)")
     p.set_defaults(func=_cmd_data_check)

@@ -93,3 +93,40 @@ def check_dataset(
             if size != common:
                 report.errors.append(f"{path}: frame is {size[0]}x{size[1]}, the rest of the set is {common[0]}x{common[1]}")
     return report
+
+
+def check_description(path: str | Path, min_depth: float = 1e-3, max_depth: float = 10.0, progress: bool = True) -> CheckReport:
+    """`check_dataset` for a dataset description (`spd.data.described`): its list and val_list, every
+    missing or unreadable RGB or label, label of the wrong dtype or size, and point outside its image
+    or not finite, each named with the list line that names the file."""
+    from tqdm import tqdm
+
+    from spd.data.described import load_frame, read_description
+    from spd.errors import SPDError
+
+    report = CheckReport()
+    try:
+        description = read_description(path)
+    except SPDError as err:
+        report.errors.append(str(err))
+        return report
+    frames = description.frames + description.val_frames
+    report.entries = len(frames)
+    for frame in tqdm(frames, desc="spd data check", disable=not progress):
+        try:
+            rgb, depth, points = load_frame(frame, description.depth_scale)
+        except DataError as err:
+            report.errors.append(f"{frame.where}: {err}")
+            continue
+        report.sizes[f"{rgb.shape[1]}x{rgb.shape[0]}"] += 1
+        values = depth[depth > 0] if depth is not None else points[:, 2]
+        labelled = (depth > 0).mean() if depth is not None else len(points) / (rgb.shape[0] * rgb.shape[1])
+        in_range = values[(values > min_depth) & (values <= max_depth)]
+        report.valid_fractions.append(float(labelled))
+        if in_range.size == 0:
+            report.warnings.append(f"{frame.where}: {frame.label} has no label in ({min_depth}, {max_depth}] m")
+            continue
+        report.depth_min = min(report.depth_min, float(in_range.min()))
+        report.depth_max = max(report.depth_max, float(in_range.max()))
+        report.depth_medians.append(float(np.median(in_range)))
+    return report

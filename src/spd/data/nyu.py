@@ -24,7 +24,9 @@ from torch.utils.data import Dataset
 
 from spd.data.io import NYU_FOCAL, DataError, read_depth_png, read_rgb
 from spd.data.queries import CropName, sample_eval_queries, sample_uniform_queries
-from spd.data.transforms import NYU_BTS_BOX, NYU_FRAME_SIZE, apply, crop_box, test_transform, train_transform
+from spd.data.transforms import (
+    NYU_BTS_BOX, NYU_FRAME_SIZE, apply, crop_box, rasterise_points, test_transform, train_transform,
+)
 
 Split = Literal["train", "test"]
 
@@ -115,31 +117,23 @@ class DepthDataset(Dataset):
         """New augmentation and query draws each epoch (call before iterating, like DistributedSampler)."""
         self.epoch = epoch
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, float, str, str]:
-        """Returns rgb (H, W, 3) uint8, depth (H, W) float32 metres, focal, id, and a path for errors."""
+    def load(self, index: int) -> tuple:
+        """Returns rgb (H, W, 3) uint8, depth (H, W) float32 metres, focal, id, and a path for errors;
+        sparse-label datasets return depth None and a sixth item, points (N, 3) u, v, depth_m."""
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
-        rgb, depth, focal, sample_id, where = self.load(index)
+        rgb, depth, focal, sample_id, where, *rest = self.load(index)
+        points = torch.from_numpy(rest[0]).float() if rest and rest[0] is not None else None
+        if depth is None:
+            depth = np.zeros(rgb.shape[:2], dtype=np.float32)  # sparse labels: the map is written after augmentation
         if rgb.shape[:2] != depth.shape:
             raise DataError(where, f"depth is {depth.shape[1]}x{depth.shape[0]} but the RGB is {rgb.shape[1]}x{rgb.shape[0]}")
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
         depth_t = torch.from_numpy(np.ascontiguousarray(depth))[None]
-        generator = None
-        if self.split == "train":
-            transform = self.transform
-            if self.valid_box is not None and tuple(image.shape[1:]) == NYU_FRAME_SIZE:
-                image, depth_t = crop_box(image, depth_t, self.valid_box)
-                transform = self.box_transform
-            if self.crop_size and (image.shape[1] < self.crop_size[0] or image.shape[2] < self.crop_size[1]):
-                raise DataError(where, f"image {image.shape[2]}x{image.shape[1]} is smaller than the crop {self.crop_size}")
-            seed = sample_seed(self.seed, self.epoch, index)
-            generator = torch.Generator().manual_seed(seed)
-            with torch.random.fork_rng(devices=[]):  # v2 transforms draw from the global RNG
-                torch.manual_seed(seed)
-                image, depth_t = apply(transform, image, depth_t)
-        else:
-            image, depth_t = apply(self.transform, image, depth_t)
+        image, depth_t, uv, generator = self._augment(index, image, depth_t, points, where)
+        if points is not None:
+            depth_t = rasterise_points(uv, points[:, 2], tuple(image.shape[-2:]))
         valid = (depth_t > self.min_depth) & (depth_t <= self.max_depth)
         sample = {"image": image, "depth": depth_t, "valid": valid, "focal": focal, "id": sample_id}
         if self.num_queries is not None:
@@ -149,6 +143,25 @@ class DepthDataset(Dataset):
                 queries, mask = sample_eval_queries(valid[0], self.num_queries, self.seed, sample_id, self.eval_crop)
             sample["queries"], sample["query_mask"] = queries, mask
         return sample
+
+    def _augment(self, index: int, image, depth_t, points, where: str):
+        """(image, depth, moved points (N, 2) or None, the sample's query generator or None)."""
+        uv = points[:, :2] if points is not None else None
+        if self.split != "train":
+            return *apply(self.transform, image, depth_t, uv), None
+        transform = self.transform
+        if self.valid_box is not None and tuple(image.shape[1:]) == NYU_FRAME_SIZE:
+            image, depth_t = crop_box(image, depth_t, self.valid_box)
+            if uv is not None:
+                uv = uv - torch.tensor([float(self.valid_box[0]), float(self.valid_box[1])])
+            transform = self.box_transform
+        if self.crop_size and (image.shape[1] < self.crop_size[0] or image.shape[2] < self.crop_size[1]):
+            raise DataError(where, f"image {image.shape[2]}x{image.shape[1]} is smaller than the crop {self.crop_size}")
+        seed = sample_seed(self.seed, self.epoch, index)
+        with torch.random.fork_rng(devices=[]):  # v2 transforms draw from the global RNG
+            torch.manual_seed(seed)
+            image, depth_t, uv = apply(transform, image, depth_t, uv)
+        return image, depth_t, uv, torch.Generator().manual_seed(seed)
 
 
 class NYUDepth(DepthDataset):

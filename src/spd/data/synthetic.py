@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from spd.data.io import NYU_INTRINSICS, write_depth_png
@@ -209,6 +210,7 @@ def generate(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    sparse: int = 0,
 ) -> Path:
     """Writes a synthetic NYU-layout dataset to `out` and returns `out`."""
     from tqdm import tqdm
@@ -222,4 +224,39 @@ def generate(
         lines = list(tqdm(pool.map(_write_frame, jobs, chunksize=4), total=len(jobs), desc="spd synth", disable=not progress))
     (out / "train_files.txt").write_text("".join(line + "\n" for line in lines[:n_train]))
     (out / "test_files.txt").write_text("".join(line + "\n" for line in lines[n_train:]))
+    write_descriptions(out, lines[:n_train], lines[n_train:], size, sparse, seed)
     return out
+
+
+def write_descriptions(out: Path, train_lines: list[str], test_lines: list[str], size: tuple[int, int], sparse: int,
+                       seed: int) -> None:
+    """The same frames as dataset descriptions (`spd.data.described`): `dense.yaml` (the depth PNGs)
+    and, with `sparse` > 0, `sparse.yaml`: per frame a `points.csv` of `sparse` labels u, v, depth_m
+    at distinct valid pixel centres (fixed seed), read from the frame's exact depth."""
+    height, width = size
+    scale = width / 640
+    intrinsics = [round(NYU_INTRINSICS[0] * scale, 4), round(NYU_INTRINSICS[1] * scale, 4),
+                  round(NYU_INTRINSICS[2] * scale, 4), round(NYU_INTRINSICS[3] * scale, 4)]
+    kinds = {"dense": lambda rgb, depth, split, i: depth}
+    if sparse > 0:
+        kinds["sparse"] = lambda rgb, depth, split, i: _write_points(out, depth, sparse, frame_seed(seed, split, i) + 2)
+    for kind, label_of in kinds.items():
+        for split, lines, sub in (("train", train_lines, TRAIN_DIR), ("test", test_lines, TEST_DIR)):
+            listed = []
+            for i, line in enumerate(lines):
+                rgb, depth = (f"{sub}/{part.lstrip('/')}" for part in line.split()[:2])
+                listed.append(f"{rgb} {label_of(rgb, depth, split, i)}\n")
+            (out / f"{kind}_{split}.txt").write_text("".join(listed))
+        description = {"root": ".", "list": f"{kind}_train.txt", "val_list": f"{kind}_test.txt", "depth_scale": 1000.0,
+                       "intrinsics": intrinsics}
+        (out / f"{kind}.yaml").write_text(yaml.safe_dump(description, sort_keys=False))
+
+
+def _write_points(out: Path, depth_path: str, count: int, seed: int) -> str:
+    depth = np.asarray(Image.open(out / depth_path), dtype=np.float64) / 1000.0
+    rows, cols = np.nonzero(depth > 0)
+    pick = np.random.default_rng(seed).choice(rows.size, size=min(count, rows.size), replace=False)
+    path = Path(depth_path).with_name("points.csv")
+    lines = ["u,v,depth_m"] + [f"{cols[i]},{rows[i]},{depth[rows[i], cols[i]]:.4f}" for i in np.sort(pick)]
+    (out / path).write_text("\n".join(lines) + "\n")
+    return str(path)

@@ -84,8 +84,25 @@ def normalize_image(image_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def apply(
-    transform: v2.Compose, image: torch.Tensor, depth: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs `transform` on an image (3, H, W) float in [0, 1] and depth (1, H, W) metres together."""
-    out_image, out_depth = transform(tv_tensors.Image(image), tv_tensors.Mask(depth))
-    return out_image.as_subclass(torch.Tensor), out_depth.as_subclass(torch.Tensor)
+    transform: v2.Compose, image: torch.Tensor, depth: torch.Tensor, points: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Runs `transform` on an image (3, H, W) float in [0, 1], depth (1, H, W) metres and, when given,
+    sparse points (N, 2) pixel (u, v) together: the same crop, rotation and flip for all three (points
+    exactly, as torchvision's KeyPoints: pixel centres at integers)."""
+    inputs = [tv_tensors.Image(image), tv_tensors.Mask(depth)]
+    if points is not None:
+        inputs.append(tv_tensors.KeyPoints(points, canvas_size=tuple(image.shape[-2:])))
+    out = transform(*inputs)
+    moved = out[2].as_subclass(torch.Tensor) if points is not None else None
+    return out[0].as_subclass(torch.Tensor), out[1].as_subclass(torch.Tensor), moved
+
+
+def rasterise_points(uv: torch.Tensor, depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Sparse labels as a depth map: each point (u, v) on the image writes its depth at its nearest
+    pixel; points off the image are dropped; elsewhere 0 (no label). uv (N, 2), depth (N,) -> (1, H, W)."""
+    height, width = size
+    u, v = uv[:, 0].round().long(), uv[:, 1].round().long()
+    inside = (u >= 0) & (u < width) & (v >= 0) & (v < height)
+    out = torch.zeros(height * width, dtype=torch.float32)
+    out[v[inside] * width + u[inside]] = depth[inside].float()
+    return out.view(1, height, width)

@@ -7,6 +7,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, DistributedSampler
 
 from spd.data import NYUDepth, collate, resolve_split_list
+from spd.data.described import DescribedDepth, is_description
 from spd.engine.distributed import DistInfo
 from spd.errors import ConfigError, DataLayoutError
 from spd.train_config import TrainConfig
@@ -16,9 +17,15 @@ def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYU
     """Train and validation datasets under a dataset root (NYU's BTS layout or `spd synth` output);
     split lists by `resolve_split_list`."""
     root = Path(data_root)
+    d, e = cfg.data, cfg.eval
+    if is_description(root):  # your own data: a dataset description with a `list` and a `val_list`
+        train = DescribedDepth(root, "train", num_queries=d.num_queries, crop_size=d.crop_size, rotation_deg=d.rotation_deg,
+                               color_p=d.color_p, min_depth=d.min_depth, max_depth=d.max_depth, seed=cfg.seed)
+        val = DescribedDepth(train.description, "test", "val_list", num_queries=e.num_queries, min_depth=e.min_depth,
+                             max_depth=e.max_depth, seed=e.seed)
+        return train, val
     if not root.is_dir():
         raise DataLayoutError(f"data root not found: {root}")
-    d, e = cfg.data, cfg.eval
     train = NYUDepth(
         root / d.train_dir, resolve_split_list(root, d.train_list, "train"), split="train", num_queries=d.num_queries,
         crop_size=d.crop_size, rotation_deg=d.rotation_deg, color_p=d.color_p, min_depth=d.min_depth,

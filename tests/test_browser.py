@@ -77,14 +77,14 @@ def test_page_shows_the_predictors_depths_at_two_clicked_points(server, browser,
     canvas = browser.find_element(By.ID, "view")
     for dx, dy in ((-150, -80), (120, 90)):  # offsets from the canvas centre, in CSS pixels
         ActionChains(browser).move_to_element_with_offset(canvas, dx, dy).click().perform()
-    def settled(b):
-        cells = b.find_elements(By.CSS_SELECTOR, "#rows td.depth")
-        idle = b.find_element(By.TAG_NAME, "body").get_attribute("data-pending") == "0"
-        return idle and len(cells) == 2 and all(c.text for c in cells)
-    wait.until(settled)
-    read = lambda cls: [float(c.text) for c in browser.find_elements(By.CSS_SELECTOR, f"#rows td.{cls}")]  # noqa: E731
-    points = np.stack([read("u"), read("v")], -1)
-    shown = np.array(read("depth"))
+    # Read the table in one script call (the page redraws it on every answer: no stale elements).
+    table = """
+        if (document.body.dataset.pending !== "0") return null;
+        const rows = [...document.querySelectorAll("#rows tr")].map(r =>
+            ["u", "v", "depth"].map(c => r.querySelector("td." + c).textContent));
+        return rows.length === 2 && rows.every(r => r[2] !== "") ? rows : null;"""
+    rows = np.array(wait.until(lambda b: b.execute_script(table)), dtype=np.float64)
+    points, shown = rows[:, :2], rows[:, 2]
     assert points[0, 0] < points[1, 0] and points[0, 1] < points[1, 1]  # the two clicks, where they were made
     want = spd.Predictor(tiny_model).predict(str(FRAME), points)
     np.testing.assert_allclose(shown, want, atol=0.0005 + 1e-6, rtol=0)  # equal to 3 decimals

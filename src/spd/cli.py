@@ -438,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train SPD. Under `torchrun --nproc-per-node N spd train ...` it uses DDP (NCCL on GPUs, gloo on CPU).",
     )
     p.add_argument("--config", required=True, help="bundled config name (v15_nyu, v15_tiny_synth) or a YAML path")
-    p.add_argument("--data-root", required=True, help="NYU root holding sync/ and official_splits/test/ (or `spd synth` output)")
+    p.add_argument("--data-root", required=True,
+                   help="NYU root holding sync/ and official_splits/test/ (or `spd synth` output), or a dataset "
+                        "description .yaml (your own data: list + val_list)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, tb/, checkpoints/{last,best}")
     p.add_argument("--max-steps", type=_positive_int, default=None,
                    help="total optimiser steps (a resumed run stops at the same step)")
@@ -455,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="model folder or Hub id; also median:<metres> or baseline:<folder|random>")
     p.add_argument("--data-root", required=True,
-                   help="dataset root, as for `spd train`: NYU's BTS layout or `spd synth` output")
+                   help="dataset root, as for `spd train`: NYU's BTS layout or `spd synth` output; or a dataset "
+                        "description .yaml (its list is evaluated, no crop)")
     p.add_argument("--test-dir", default="official_splits/test",
                    help="test images under the root; the list's paths are relative to it (default official_splits/test)")
     p.add_argument("--filelist", default=None,

@@ -250,6 +250,8 @@ def write_descriptions(out: Path, train_lines: list[str], test_lines: list[str],
         description = {"root": ".", "list": f"{kind}_train.txt", "val_list": f"{kind}_test.txt", "depth_scale": 1000.0,
                        "intrinsics": intrinsics}
         (out / f"{kind}.yaml").write_text(yaml.safe_dump(description, sort_keys=False))
+    test_description = {"root": ".", "list": "dense_test.txt", "depth_scale": 1000.0, "intrinsics": intrinsics}
+    (out / "dense_test.yaml").write_text(yaml.safe_dump(test_description, sort_keys=False))  # for spd eval
 
 
 def _write_points(out: Path, depth_path: str, count: int, seed: int) -> str:

@@ -140,3 +140,33 @@ def test_data_check_reports_every_problem_with_file_and_line(described_root, tmp
     assert "list.txt:2" in text and "point 1 (500.0, 5.0) lies outside the 160x120 image" in text
     assert "list.txt:3" in text and "dtype int32" in text
     assert "list.txt:4" in text and "broken.png: unreadable" in text
+
+
+def test_mixed_datasets_share_each_epoch_by_weight_and_train(described_root, tmp_path):
+    """`data.mix`: the --data-root set plus others, drawn per epoch in proportion to their weights,
+    the same draw on every run; a short run trains on the mix."""
+    from spd.data.mix import MixedDataset, WeightedEpochSampler
+
+    parts = [DescribedDepth(described_root / f"{kind}.yaml", "train", crop_size=None) for kind in ("dense", "sparse")]
+    mixed = MixedDataset(parts)
+    assert len(mixed) == 24 and mixed[13]["id"] == parts[1][1]["id"]
+    counts = np.zeros(2)
+    for epoch in range(200):
+        sampler = WeightedEpochSampler(mixed, [1.0, 3.0], seed=0, rank=0, world_size=1)
+        sampler.set_epoch(epoch)
+        drawn = np.array(list(sampler))
+        counts += [(drawn < 12).sum(), (drawn >= 12).sum()]
+    assert abs(counts[1] / counts.sum() - 0.75) < 0.02
+    again = WeightedEpochSampler(mixed, [1.0, 3.0], seed=0, rank=0, world_size=1)
+    again.set_epoch(199)
+    assert list(again) == drawn.tolist()
+    ranks = [WeightedEpochSampler(mixed, [1.0, 3.0], seed=0, rank=r, world_size=2) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(3)
+    assert len(list(ranks[0])) == len(list(ranks[1])) == 12
+
+    run = tmp_path / "mix"
+    mix = json.dumps([{"dataset": str(described_root / "sparse.yaml"), "weight": 3}])
+    result = _train(described_root / "dense.yaml", run, 2, ["--set", f"data.mix={mix}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(_losses(run)) == [1, 2]

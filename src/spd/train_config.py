@@ -32,8 +32,16 @@ class DataConfig:
     min_depth: float = 0.1  # training GT range (0.1, 10] m
     max_depth: float = 10.0
     workers: int = 4
+    # More training sets mixed with the --data-root one: [{"dataset": NYU root or description .yaml,
+    # "weight": w}]; each draws a share weight / (sum of weights, `weight` included) of every epoch.
+    mix: list[dict[str, Any]] = field(default_factory=list)
+    weight: float = 1.0  # the --data-root training set's weight in a mix
 
     RULES: ClassVar[dict[str, Rule]] = {
+        "mix": (lambda entries: all(isinstance(e, dict) and set(e) == {"dataset", "weight"} and isinstance(e["dataset"], str)
+                                    and isinstance(e["weight"], (int, float)) and e["weight"] > 0 for e in entries),
+                'a list of {"dataset": PATH, "weight": number > 0}'),
+        "weight": (positive, "> 0"),
         "crop_size": (optional(lambda s: len(s) == 2 and all(v > 0 and v % 32 == 0 for v in s)),
                       "null or [height, width], positive multiples of 32"),
         "rotation_deg": (non_negative, ">= 0"), "color_p": (unit_interval, "in [0, 1]"),

@@ -8,34 +8,44 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from spd.data import NYUDepth, collate, resolve_split_list
 from spd.data.described import DescribedDepth, is_description
+from spd.data.mix import MixedDataset, WeightedEpochSampler
 from spd.engine.distributed import DistInfo
 from spd.errors import ConfigError, DataLayoutError
 from spd.train_config import TrainConfig
 
 
 def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYUDepth]:
-    """Train and validation datasets under a dataset root (NYU's BTS layout or `spd synth` output);
-    split lists by `resolve_split_list`."""
+    """Train and validation datasets of a dataset root (NYU's BTS layout or `spd synth` output; split
+    lists by `resolve_split_list`) or a dataset description .yaml; with `data.mix`, the training set
+    is a `MixedDataset` of it and the mixed-in ones (validation stays on the --data-root dataset)."""
     root = Path(data_root)
     d, e = cfg.data, cfg.eval
-    if is_description(root):  # your own data: a dataset description with a `list` and a `val_list`
-        train = DescribedDepth(root, "train", num_queries=d.num_queries, crop_size=d.crop_size, rotation_deg=d.rotation_deg,
-                               color_p=d.color_p, min_depth=d.min_depth, max_depth=d.max_depth, seed=cfg.seed)
-        val = DescribedDepth(train.description, "test", "val_list", num_queries=e.num_queries, min_depth=e.min_depth,
+    train = training_set(root, cfg)
+    if d.mix:
+        train = MixedDataset([train, *(training_set(Path(entry["dataset"]), cfg) for entry in d.mix)])
+    if is_description(root):  # your own data: validation on the description's `val_list`
+        description = (train.parts[0] if d.mix else train).description
+        val = DescribedDepth(description, "test", "val_list", num_queries=e.num_queries, min_depth=e.min_depth,
                              max_depth=e.max_depth, seed=e.seed)
         return train, val
-    if not root.is_dir():
-        raise DataLayoutError(f"data root not found: {root}")
-    train = NYUDepth(
-        root / d.train_dir, resolve_split_list(root, d.train_list, "train"), split="train", num_queries=d.num_queries,
-        crop_size=d.crop_size, rotation_deg=d.rotation_deg, color_p=d.color_p, min_depth=d.min_depth,
-        max_depth=d.max_depth, seed=cfg.seed,
-    )
     val = NYUDepth(
         root / d.test_dir, resolve_split_list(root, d.test_list, "test"), split="test", num_queries=e.num_queries,
         min_depth=e.min_depth, max_depth=e.max_depth, seed=e.seed, eval_crop=e.crop,
     )
     return train, val
+
+
+def training_set(root: Path, cfg: TrainConfig):
+    """The training split of one dataset: a description .yaml (its `list`) or a dataset root (NYU's
+    BTS layout or `spd synth` output), with the run's augmentation and query settings."""
+    d = cfg.data
+    common = dict(num_queries=d.num_queries, crop_size=d.crop_size, rotation_deg=d.rotation_deg, color_p=d.color_p,
+                  min_depth=d.min_depth, max_depth=d.max_depth, seed=cfg.seed)
+    if is_description(root):
+        return DescribedDepth(root, "train", **common)
+    if not root.is_dir():
+        raise DataLayoutError(f"data root not found: {root}")
+    return NYUDepth(root / d.train_dir, resolve_split_list(root, d.train_list, "train"), split="train", **common)
 
 
 class EpochPlan:
@@ -44,9 +54,13 @@ class EpochPlan:
 
     def __init__(self, train_set: NYUDepth, cfg: TrainConfig, info: DistInfo) -> None:
         self.train_set, self.cfg, self.info = train_set, cfg, info
-        self.sampler = DistributedSampler(
-            train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
+        if isinstance(train_set, MixedDataset):
+            weights = [cfg.data.weight, *(entry["weight"] for entry in cfg.data.mix)]
+            self.sampler = WeightedEpochSampler(train_set, weights, cfg.seed, info.rank, info.world_size)
+        else:
+            self.sampler = DistributedSampler(
+                train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed, drop_last=True
+            )
         self.micro_per_epoch = len(self.sampler) // cfg.batch_size
         self.steps_per_epoch = self.micro_per_epoch // cfg.accum_steps
         if self.steps_per_epoch == 0:

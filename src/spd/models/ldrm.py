@@ -21,7 +21,7 @@ from torch import nn
 
 from spd.config import check_ldrm_patch
 from spd.geometry.windows import gather_windows
-from spd.models.rows import LevelIndex, bag_starts, bag_sum, corner_rows
+from spd.models.rows import LevelIndex
 
 L1_STRIDE = 4
 
@@ -39,11 +39,13 @@ class LocalRefinement(nn.Module):
     def __init__(self, in_dim: int, mid_dim: int, out_dim: int, patch: int = 7) -> None:
         super().__init__()
         check_ldrm_patch(patch)
-        # The fast path's constants (see `_fast_local_feat`): the second x2 upsampling's matrices, the
-        # 6 x 6 half-cell steps of the first one's samples, and (1, 2) to code a per-axis choice as 2y + x.
+        # The fast path's constants (see `_fast_local_feat`): both x2 upsamplings as matrices on
+        # windows (the first from 5 x 5 L1 cells, the second from 4 x 4 feat_14 values), the 5 x 5
+        # cell offsets (x, y) of the first window, and (1, 2) to code a per-axis choice as 2y + x.
+        self.register_buffer("windows_14", _windows_14(), persistent=False)
         self.register_buffer("windows_28", _windows_28(), persistent=False)
-        steps = torch.arange(6) / 2
-        self.register_buffer("window_steps", torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1), persistent=False)
+        steps = torch.arange(5.0)
+        self.register_buffer("window_cells", torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1), persistent=False)
         self.register_buffer("axis_code", torch.tensor([1, 2]), persistent=False)
         self.patch = patch
         self.conv_mid = nn.Conv2d(in_dim, mid_dim, kernel_size=3, padding=1)
@@ -108,12 +110,15 @@ class LocalRefinement(nn.Module):
         s = f >= 2
         # up_14[2c-2+s+t] (t = 0..5) is bilinear x2 upsampling of the cells: a bilinear sample of L1
         # at cell coordinate origin + c - 2 + 0.75 + (s + t) / 2 (zeros outside the map, as the
-        # patch gather), so the 6x6 window is one embedding_bag over L1's rows of the row table.
-        start = origin + (self.patch // 2 - 2 + 0.75) + 0.5 * s  # (B, K, 2) cells
-        cells = start.view(*start.shape[:2], 1, 1, 1, 2) + self.window_steps  # (B, K, 1, 6, 6, 2)
-        rows, weight = corner_rows(cells, l1_index)  # (B, K, 1, 6, 6, 4)
-        up_14 = bag_sum(table, rows.view(-1), weight.view(-1), bag_starts(n * 36, 4, table.device))
-        up_14 = up_14.view(n, 6, 6, -1)  # up_14[2c-2+s : 2c+4+s] per axis, channels last
+        # patch gather), which reads only the 5 x 5 cells from origin + c - 2: one gather of those
+        # rows of the row table (off-map cells zeroed) and one matmul with the matrix for s.
+        cells = (origin + (self.patch // 2 - 2)).view(*origin.shape[:2], 1, 1, 2) + self.window_cells  # (B, K, 5, 5, 2)
+        on_map = cells.clamp(min=0).minimum(l1_index.max_xy.view(1, 1, 1, 1, 2))
+        rows = l1_index.base.view(-1, 1, 1, 1) + (on_map * l1_index.stride.view(1, 1, 1, 1, 2)).sum(-1).long()
+        inside = (on_map == cells).all(-1).view(n, 25, 1)
+        window = table[rows.view(-1)].view(n, 25, -1) * inside.to(table.dtype)  # (N, 25, C) L1 cells, channels last
+        choice = (s.long() * self.axis_code).sum(-1).view(-1)  # 2 s_y + s_x
+        up_14 = torch.bmm(self.windows_14[choice].to(window.dtype), window).view(n, 6, 6, -1)  # up_14[2c-2+s : 2c+4+s]
         feat_14 = F.gelu(F.conv2d(up_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
         # The 1x1 residual as one (16N, C) matmul: a strided 4-D input would make F.linear broadcast
         # its weight into a batched matmul (a (4N, C, mid) copy of the weight under bf16 autocast).
@@ -150,6 +155,20 @@ def _upsample_matrix(size: int) -> torch.Tensor:
         matrix[out][low] += 1 - weight
         matrix[out][high] += weight
     return torch.tensor(matrix, dtype=torch.float32)
+
+
+def _windows_14() -> torch.Tensor:
+    """The fast path's first x2 upsampling: the 6 up_14 values of a window from the 5 L1 cells
+    [c-2, c+2] per axis, at cell offsets 0.75 + (s + t) / 2 (t = 0..5) for window start s in {0, 1}
+    -> (4, 36, 25), entry 2 s_y + s_x. Constant: a buffer of the module."""
+    per_axis = torch.zeros(2, 6, 5)
+    for start in (0, 1):
+        for t in range(6):
+            position = 0.75 + (start + t) / 2
+            low = int(position)
+            per_axis[start, t, low] += 1 - (position - low)
+            per_axis[start, t, low + 1] += position - low
+    return _window_pairs(per_axis)
 
 
 def _windows_28() -> torch.Tensor:

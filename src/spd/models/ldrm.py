@@ -115,10 +115,11 @@ class LocalRefinement(nn.Module):
         cells = (origin + (self.patch // 2 - 2)).view(*origin.shape[:2], 1, 1, 2) + self.window_cells  # (B, K, 5, 5, 2)
         on_map = cells.clamp(min=0).minimum(l1_index.max_xy.view(1, 1, 1, 1, 2))
         rows = l1_index.base.view(-1, 1, 1, 1) + (on_map * l1_index.stride.view(1, 1, 1, 1, 2)).sum(-1).long()
-        inside = (on_map == cells).all(-1).view(n, 25, 1)
-        window = table[rows.view(-1)].view(n, 25, -1) * inside.to(table.dtype)  # (N, 25, C) L1 cells, channels last
+        inside = (on_map == cells).all(-1).view(n, 1, 25)  # off-map cells get weight 0 (zeros outside)
         choice = (s.long() * self.axis_code).sum(-1).view(-1)  # 2 s_y + s_x
-        up_14 = torch.bmm(self.windows_14[choice].to(window.dtype), window).view(n, 6, 6, -1)  # up_14[2c-2+s : 2c+4+s]
+        matrix = self.windows_14[choice].to(table.dtype) * inside.to(table.dtype)  # (N, 36, 25)
+        window = table[rows.view(-1)].view(n, 25, -1)  # (N, 25, C) L1 cells, channels last
+        up_14 = torch.bmm(matrix, window).view(n, 6, 6, -1)  # up_14[2c-2+s : 2c+4+s]
         feat_14 = F.gelu(F.conv2d(up_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
         # The 1x1 residual as one (16N, C) matmul: a strided 4-D input would make F.linear broadcast
         # its weight into a batched matmul (a (4N, C, mid) copy of the weight under bf16 autocast).

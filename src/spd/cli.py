@@ -248,23 +248,15 @@ def _read_points(args: argparse.Namespace, height: int, width: int):
 def _read_points_file(path: str):
     import numpy as np
 
+    from spd.data.io import parse_number_rows
+
     try:
         lines = open(path).read().splitlines()
     except OSError as err:
         raise UserInputError(f"--points-file {path}: cannot read it ({err.strerror})") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        parts = [p.strip() for p in line.replace(";", ",").split(",") if p.strip()]
-        if not parts:
-            continue
-        try:
-            if len(parts) != 2:
-                raise ValueError
-            rows.append([float(parts[0]), float(parts[1])])
-        except ValueError:
-            if number == 1 and not rows:
-                continue  # a header line such as "u,v"
-            raise UserInputError(f"{path}: line {number} is not 'u,v': {line!r}") from None
+    rows, bad = parse_number_rows(lines, 2)
+    if bad is not None:
+        raise UserInputError(f"{path}: line {bad} is not 'u,v': {lines[bad - 1]!r}")
     if not rows:
         raise UserInputError(f"{path}: no points in the file")
     return np.array(rows).reshape(-1, 2)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from spd.data.io import NYU_FOCAL, DataError, read_depth_png, read_rgb
+from spd.data.io import NYU_FOCAL, DataError, parse_number_rows, read_depth_png, read_rgb
 from spd.data.nyu import DepthDataset, Split
 from spd.errors import ConfigError, DataLayoutError
 
@@ -154,19 +154,10 @@ def _checked_dense(depth: np.ndarray, path: Path, image_hw) -> np.ndarray:
 
 
 def _read_csv(path: Path) -> np.ndarray:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        parts = [p.strip() for p in line.replace(";", ",").split(",") if p.strip()]
-        if not parts:
-            continue
-        try:
-            if len(parts) != 3:
-                raise ValueError
-            rows.append([float(p) for p in parts])
-        except ValueError:
-            if number == 1 and not rows:
-                continue  # a header such as "u,v,depth_m"
-            raise DataError(path, f"line {number} is not 'u,v,depth_m': {line.strip()!r}") from None
+    lines = path.read_text().splitlines()
+    rows, bad = parse_number_rows(lines, 3)
+    if bad is not None:
+        raise DataError(path, f"line {bad} is not 'u,v,depth_m': {lines[bad - 1].strip()!r}")
     return np.array(rows, dtype=np.float64).reshape(-1, 3)
 
 

@@ -59,3 +59,23 @@ def write_depth_png(path: str | Path, depth_m: np.ndarray) -> None:
     """Writes (H, W) metres as a uint16 millimetre PNG (0 = invalid), rounding to the nearest mm."""
     millimetres = np.clip(np.round(depth_m * 1000.0), 0, 65535).astype(np.uint16)
     Image.fromarray(millimetres).save(path)
+
+
+def parse_number_rows(lines: list[str], columns: int) -> tuple[list[list[float]], int | None]:
+    """Rows of `columns` numbers separated by commas (or semicolons), blank lines skipped, a first
+    line that is not numbers taken as a header. Returns (rows, the 1-based number of the first
+    malformed line or None)."""
+    rows: list[list[float]] = []
+    for number, line in enumerate(lines, start=1):
+        parts = [p.strip() for p in line.replace(";", ",").split(",") if p.strip()]
+        if not parts:
+            continue
+        try:
+            if len(parts) != columns:
+                raise ValueError
+            rows.append([float(p) for p in parts])
+        except ValueError:
+            if number == 1 and not rows:
+                continue  # a header such as "u,v"
+            return rows, number
+    return rows, None

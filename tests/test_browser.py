@@ -3,11 +3,6 @@
 uploads a real NYU frame, clicks two points and reads the two depths the page shows."""
 
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,29 +19,14 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 FRAME = Path(__file__).parent / "fixtures" / "nyu_real" / "sync" / "rgb_00100.jpg"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model):
+    from spd.serve.loadcheck import free_port, start_server
+
     folder = spd.save_model(tiny_model, tmp_path_factory.mktemp("serve") / "model")
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "spd.cli", "serve", "--model", str(folder), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = free_port()
+    process = start_server(str(folder), port, [])
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                pytest.fail(f"spd serve did not start: {process.stdout.read()}")
-            time.sleep(0.3)
     yield url
     process.terminate()
     process.wait(timeout=30)

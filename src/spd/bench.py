@@ -17,24 +17,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from spd.bench_train import sync_device, training_step_section
+from spd.bench_train import median_ms, sync_device, training_step_section
 from spd.errors import UserInputError
 from spd.build import build_model
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
 from spd.models.precision import low_precision_copy
-
-
-def median_ms(fn, repeat: int, device: torch.device, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync_device(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync_device(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def split_spd(encode, decode, image: torch.Tensor, queries: torch.Tensor, device: torch.device) -> tuple[float, float]:

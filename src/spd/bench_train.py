@@ -21,6 +21,19 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def median_ms(fn, repeat: int, device: torch.device, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync_device(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync_device(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
 def synthetic_batch(batch: int, height: int, width: int, k: int, device: torch.device) -> dict[str, torch.Tensor]:
     """A training batch of the collate layout with random content (depth in [0.5, 5.5] m, all valid)."""
     generator = torch.Generator().manual_seed(0)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from spd.bench_train import median_ms
 from spd.export.onnx_export import export_onnx
+
+CPU = torch.device("cpu")  # ONNX Runtime's CPU provider
 
 
 class BaselineGraph(nn.Module):
@@ -62,32 +64,21 @@ def onnx_section(spd_model, baseline, image: torch.Tensor, queries: dict[int, to
         encode = lambda: predictor._encode_tensor(image.cpu())  # noqa: E731
         features = encode()
         result: dict = {"spd": {"decode_ms": {}, "total_ms": {}}, "baseline": {}, "ratio_total": {}, "threads": threads}
-        result["spd"]["encode_ms"] = _median_ms(encode, repeat)
+        result["spd"]["encode_ms"] = median_ms(encode, repeat, CPU)
         for k, q in queries.items():
             q = q.cpu()
             mask = torch.ones(q.shape[:2], dtype=torch.bool)
             decode = lambda: predictor._run_decoder(features, q, mask)  # noqa: E731
             base = lambda: base_session.run(None, {"image": image_np, "queries": q.numpy()})  # noqa: E731
-            result["spd"]["decode_ms"][str(k)] = _median_ms(decode, repeat)
+            result["spd"]["decode_ms"][str(k)] = median_ms(decode, repeat, CPU)
             base()
-            runs = [(_median_ms(lambda: predictor._run_decoder(encode(), q, mask), 1, 0), _median_ms(base, 1, 0))
+            runs = [(median_ms(lambda: predictor._run_decoder(encode(), q, mask), 1, CPU, 0), median_ms(base, 1, CPU, 0))
                     for _ in range(repeat)]
             result["spd"]["total_ms"][str(k)] = statistics.median(t for t, _ in runs)
             result["baseline"].setdefault("total_ms_by_k", {})[str(k)] = statistics.median(b for _, b in runs)
             result["ratio_total"][str(k)] = statistics.median(t / b for t, b in runs)
         result["baseline"]["total_ms"] = statistics.median(result["baseline"]["total_ms_by_k"].values())
     return result
-
-
-def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def format_onnx(section: dict, torch_result: dict) -> list[str]:

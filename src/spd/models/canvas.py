@@ -73,7 +73,7 @@ class CanvasSublayer(nn.Module):
         batch, num_queries, d_model = h.shape
         written = self.write(h).view(batch, num_queries, 1, 1, d_model).to(canvas.dtype)
         # In the canvas dtype (bf16 under autocast): a mixed-dtype product is several times slower on CPU.
-        contributions = (written * plan.soft_beta.to(canvas.dtype)).view(-1, d_model)  # (B*K*3*4, d)
+        contributions = (written * plan.soft_beta).view(-1, d_model)  # (B*K*3*4, d)
         add_rows(canvas, plan.canvas_rows, contributions)
         l2, l3, l4 = maps
         l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)

@@ -187,7 +187,7 @@ class QueryRows:
         seed_rows / seed_weights (B*K*16,): the seed's bilinear reads of the four levels (bags of 4);
         canvas_rows (B*K*12,), beta (B, K, 3, 4): the canvas levels' corners (rows of the canvas
             buffer) and bilinear weights (0 for padded queries); the write and the read use both;
-        soft_beta (B, K, 3, 4, 1): the canvas write's weights, beta / (cell's sum + 1);
+        soft_beta (B, K, 3, 4, 1): the canvas write's weights, beta / (cell's sum + 1), in the canvas dtype;
         starts4 (B*K*4,), starts4_canvas (B*K*3,), starts_msda (B*K*H,): `bag_sum` starts of bags
             of 4 (one bilinear read) and of MSDA's per-head bags.
     """
@@ -204,9 +204,11 @@ class QueryRows:
 
 
 def query_rows(grid: torch.Tensor, mask: torch.Tensor, seed: LevelIndex, extent: torch.Tensor,
-               canvas_start: int, canvas_size: int, msda_bags: tuple[int, int] = (1, 1)) -> QueryRows:
+               canvas_start: int, canvas_size: int, msda_bags: tuple[int, int] = (1, 1),
+               canvas_dtype: torch.dtype = torch.float32) -> QueryRows:
     """Footprints of (B, K, 2) normalised queries on the seed levels. extent (4, 1, 2) = (w, h) of
-    each level as floats; the canvas buffer holds table rows [canvas_start, canvas_start + canvas_size);
+    each level as floats; the canvas buffer holds table rows [canvas_start, canvas_start + canvas_size)
+    in `canvas_dtype` (soft_beta is made in it once: every layer's write multiplies by it);
     msda_bags = (heads, levels * points * 4), the shape of MSDA's bags per query."""
     batch, num_queries = grid.shape[:2]
     cells = ((grid.view(batch, num_queries, 1, 1, 1, 2) + 1.0) * extent - 1.0) / 2.0  # (B, K, 1, 4, 1, 2)
@@ -218,5 +220,6 @@ def query_rows(grid: torch.Tensor, mask: torch.Tensor, seed: LevelIndex, extent:
     soft_beta = beta_canvas / (weight_sum[canvas_rows].view(beta_canvas.shape) + 1.0)
     starts4 = bag_starts(batch * num_queries * 4, 4, grid.device)
     heads, bag = msda_bags
-    return QueryRows(cells, rows.view(-1), beta.view(-1), canvas_rows, beta_canvas, soft_beta.unsqueeze(-1), starts4,
+    soft_beta = soft_beta.unsqueeze(-1).to(canvas_dtype)
+    return QueryRows(cells, rows.view(-1), beta.view(-1), canvas_rows, beta_canvas, soft_beta, starts4,
                      starts4[: batch * num_queries * 3], bag_starts(batch * num_queries * heads, bag, grid.device))

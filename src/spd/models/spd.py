@@ -242,7 +242,8 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         start, stop = features.canvas_rows
         cfg = self.config
         msda_bags = (cfg.n_heads, len(features.layout.sizes[:4]) * cfg.n_points * 4)
-        plan = query_rows(grid, mask, features.seed_index, features.seed_extent, start, stop - start, msda_bags)
+        plan = query_rows(grid, mask, features.seed_index, features.seed_extent, start, stop - start, msda_bags,
+                          features.table.dtype)
         h = self.seed.forward_rows(features.table, plan, positions)
         canvas = features.table[start:stop].clone()  # this call's canvas: the table's L2 / proj_L3 / proj_L4 rows
         shifted = RowLayout(features.layout.sizes[1:4], tuple(o - start for o in features.layout.offsets[1:4]),

@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -51,7 +52,7 @@ class LoadResult:
                 + (f"; first error: {self.first_error}" if self.first_error else ""))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -67,10 +68,11 @@ def _png(seed: int, height: int, width: int) -> bytes:
     return buffer.getvalue()
 
 
-def _start_server(model: str, port: int, cache_mb: float, extra: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "spd.cli", "serve", "--model", model, "--port", str(port), "--cache-mb", str(cache_mb),
-               *extra]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
+    """`spd serve --model MODEL --port PORT EXTRA...` as a subprocess, returned once /healthz answers."""
+    command = [sys.executable, "-m", "spd.cli", "serve", "--model", model, "--port", str(port), *extra]
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a long run's output must never block the server
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while True:
         try:
@@ -78,7 +80,8 @@ def _start_server(model: str, port: int, cache_mb: float, extra: list[str]) -> s
             return process
         except OSError:
             if process.poll() is not None:
-                raise UserInputError(f"spd serve did not start: {' '.join(process.stdout.read().split())[-300:]}") from None
+                log.seek(0)
+                raise UserInputError(f"spd serve did not start: {' '.join(log.read().split())[-300:]}") from None
             if time.time() > deadline:
                 process.kill()
                 raise UserInputError("spd serve did not answer /healthz within 300 s") from None
@@ -98,9 +101,9 @@ def run_loadcheck(model: str, clients: int = 8, seconds: float = 30.0, points: i
                   serve_args: list[str] | None = None) -> LoadResult:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = _start_server(model, port, cache_mb, serve_args or [])
+    server = start_server(model, port, ["--cache-mb", str(cache_mb), *(serve_args or [])])
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
             encode = lambda seed: client.post("/v1/encode", files={"image": ("x.png", _png(seed, height, width), "image/png")})  # noqa: E731

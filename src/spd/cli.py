@@ -595,6 +595,11 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())  # one line, whatever the exception held
         print(f"spd {command}: error: {message}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: files are written atomically, so what finished is kept whole
+        if debug:
+            raise
+        print(f"spd {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def build_session(cfg: TrainConfig, data_root: str | Path, run_dir: Path, info: 
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_training_model(cfg).to(info.device)
+    source = init_weights_from(model, cfg.init_from) if cfg.init_from is not None else None  # before the folder is touched
     train_set, val_set = resolve_data(cfg, data_root)
     epochs = EpochPlan(train_set, cfg, info)
     total_steps = cfg.max_steps or cfg.epochs * epochs.steps_per_epoch
@@ -92,8 +93,7 @@ def build_session(cfg: TrainConfig, data_root: str | Path, run_dir: Path, info: 
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     logger = RunLogger(run_dir, info.is_main)
-    if cfg.init_from is not None:
-        source = init_weights_from(model, cfg.init_from)
+    if source is not None:
         logger.log(0, "init_from", source)
         if info.is_main:
             print(f"weights from {source['folder']} (sha256 {source['weights_sha256']}); new optimiser and schedule")
@@ -138,7 +138,12 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
 
     info = dist_utils.init_distributed()
     guard = RunFolderGuard(Path(run_dir), cfg.to_dict(), resume, overwrite) if info.is_main else None
-    session = build_session(cfg, data_root, Path(run_dir), info)
+    try:
+        session = build_session(cfg, data_root, Path(run_dir), info)
+    except BaseException:  # a bad setting or file found while building: the folder stays free for the next try
+        if guard is not None:
+            guard.release()
+        raise
     state, stopped, last_val = resume_state(session, resume), "epoch_done", None
     bar = tqdm(total=session.total_steps, initial=state.step, desc="train", disable=not (progress and info.is_main))
     try:

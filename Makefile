@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.14.1 / torchvision 0.29.1 match each other; any torch >= 2.4 with its torchvision works.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all demo clean gpu-check
+.PHONY: install test test-all demo clean gpu-check camera-experiment
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ clean:
 
 demo: install
 	$(BIN)/spd demo --out demo_out
+
+# The canonical-camera rule measured (README "Any camera"): two v15-tiny runs, test rooms through
+# a 1.5x lens; about 16 min on a 2-core CPU. Results in camera_out/camera_experiment.json.
+camera-experiment: install
+	$(BIN)/python -m spd.camera_experiment --out camera_out
 
 # The checks that need a GPU (cuda tests, bench on cuda, 50-step bf16 v15 training); figures to docs/gpu/.
 # Without CUDA it says so and exits 0. Uses .venv if present, else the machine's python3.

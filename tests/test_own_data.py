@@ -81,11 +81,12 @@ def test_sparse_run_resumes_bit_exactly(described_root, tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-@pytest.mark.parametrize("rotation", [0.0, 2.5])
-def test_sparse_points_move_with_the_image_onto_the_same_scene_point(described_root, rotation):
+@pytest.mark.parametrize("rotation, zoom", [(0.0, 1.0), (2.5, 1.0), (0.0, 1.75)])
+def test_sparse_points_move_with_the_image_onto_the_same_scene_point(described_root, rotation, zoom):
     """The same frames and seeds through the dense and the sparse description: every label that
-    survives crop, flip (and rotation) sits where the dense map shows the depth it was read from."""
-    common = dict(crop_size=(64, 96), rotation_deg=rotation, color_p=0.0, min_depth=1e-3, max_depth=10.0, seed=1)
+    survives zoom, crop, flip (and rotation) sits where the dense map shows the depth it was read from."""
+    common = dict(crop_size=(64, 96), rotation_deg=rotation, color_p=0.0, min_depth=1e-3, max_depth=10.0, seed=1,
+                  zoom=zoom)
     dense = DescribedDepth(described_root / "dense.yaml", "train", **common)
     sparse = DescribedDepth(described_root / "sparse.yaml", "train", **common)
     relative = []
@@ -95,12 +96,13 @@ def test_sparse_points_move_with_the_image_onto_the_same_scene_point(described_r
         for index in range(4):
             a, b = dense[index], sparse[index]
             torch.testing.assert_close(a["image"], b["image"])  # the same augmentation drawn
+            assert a["focal"] == b["focal"] and (a["focal"] > 129.72 if zoom > 1 else a["focal"] == 129.7145)
             labelled = b["valid"][0] & a["valid"][0]
             assert labelled.sum() > 0
             relative.append(((b["depth"][0] - a["depth"][0]).abs() / a["depth"][0])[labelled])
     relative = torch.cat(relative)
-    if rotation == 0.0:
-        assert relative.max() < 1e-6  # crop and flip move pixel centres onto pixel centres: exact
+    if rotation == 0.0:  # zoom, crop and flip move pixel centres onto (the nearest) pixel centres: exact
+        assert relative.max() < 1e-6
     else:  # a rotated label lands within half a pixel of the dense map's nearest-neighbour sample
         assert relative.median() < 1e-6 and (relative < 0.02).float().mean() > 0.95
 
@@ -170,3 +172,88 @@ def test_mixed_datasets_share_each_epoch_by_weight_and_train(described_root, tmp
     result = _train(described_root / "dense.yaml", run, 2, ["--set", f"data.mix={mix}"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(_losses(run)) == [1, 2]
+
+
+# --- any camera (spd.camera): labels to the canonical focal in training, back at inference -------------
+
+
+def test_training_labels_go_to_the_canonical_camera_frame_by_frame():
+    from spd.camera import labels_to_canonical
+
+    depth = torch.full((3, 1, 2, 2), 2.0)
+    batch = {"depth": depth, "focal": torch.tensor([100.0, 200.0, float("nan")])}
+    scaled = labels_to_canonical(batch, canonical_focal=400.0)["depth"]
+    assert scaled[:, 0, 0, 0].tolist() == [8.0, 4.0, 2.0]  # f_c / f; unknown camera (NaN): as it is
+    assert torch.equal(batch["depth"], depth)  # the input batch is unchanged
+
+
+def test_predictor_converts_to_the_camera_of_the_intrinsics_after_any_resize(tiny_model):
+    from spd.predictor import Predictor
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    points = [[10, 20], [50.5, 30]]
+    f_c = tiny_model.canonical_focal
+    full = Predictor(tiny_model, max_side=None)
+    plain = full.predict(rgb, points)
+    np.testing.assert_allclose(full.predict(rgb, points, intrinsics=(2 * f_c, 2 * f_c, 48, 32)), 2 * plain, rtol=1e-6)
+    np.testing.assert_allclose(full.predict(rgb, points, intrinsics=(f_c, 3.0, 48, 32)), plain, rtol=1e-6)  # fx decides
+    halved = Predictor(tiny_model, max_side=48)  # the model sees 32 x 48: fx on its image is half the user's
+    np.testing.assert_allclose(halved.predict(rgb, points, intrinsics=(2 * f_c, 2 * f_c, 48, 32)), halved.predict(rgb, points),
+                               rtol=1e-6)
+    xyz = full.predict_points3d(rgb, points, (2 * f_c, 2 * f_c, 48, 32))
+    np.testing.assert_allclose(xyz[:, 2], 2 * plain, rtol=1e-6)
+    with pytest.raises(ValueError, match="four numbers"):
+        full.predict(rgb, points, intrinsics=(1.0, 2.0))
+
+
+def test_eval_converts_predictions_by_each_frames_focal(described_root, tmp_path):
+    """A model that answers the true depth of a camera with focal 2f: evaluated on frames of focal f
+    with their intrinsics its depths are halved (abs_rel 0.5); without intrinsics (canonical camera
+    assumed) they are taken as they are (abs_rel 0)."""
+    import yaml
+
+    from spd.engine.evaluate import evaluate
+
+    with_camera = DescribedDepth(described_root / "dense.yaml", split="test", which="val_list", num_queries=32)
+    focal = with_camera[0]["focal"]
+
+    class TrueDepthAtTwiceTheFocal:
+        canonical_focal = 2 * focal
+
+        def __init__(self, dataset):
+            self.maps, self.calls = [dataset[i]["depth"][0] for i in range(len(dataset))], 0
+
+        def encode(self, images):
+            self.calls += 1
+            return self.maps[self.calls - 1]
+
+        def decode(self, gt, queries, mask=None, check_values=True):
+            u, v = queries[0].long().unbind(-1)
+            return gt[v, u][None]
+
+    description = yaml.safe_load((described_root / "dense.yaml").read_text())
+    del description["intrinsics"]
+    (described_root / "no_camera.yaml").write_text(yaml.safe_dump(description))
+    without_camera = DescribedDepth(described_root / "no_camera.yaml", split="test", which="val_list", num_queries=32)
+    assert without_camera[0]["focal"] is None
+    scored, _ = evaluate(TrueDepthAtTwiceTheFocal(with_camera), with_camera, "sparse", crop="none", progress=False)
+    assert scored["abs_rel"] == pytest.approx(0.5, abs=1e-6)
+    scored, _ = evaluate(TrueDepthAtTwiceTheFocal(without_camera), without_camera, "sparse", crop="none", progress=False)
+    assert scored["abs_rel"] == 0
+
+
+def test_synth_renders_the_same_room_through_another_lens(tmp_path):
+    """`spd synth --intrinsics`: same seed, same room and pose; at twice the focal length, pixel
+    (cx + 2d, cy + 2e) looks along the ray of pixel (cx + d, cy + e) of the first camera."""
+    from spd.data.synthetic import render_frame
+
+    _, wide = render_frame(7, 60, 80, (60.0, 60.0, 40.0, 30.0))
+    _, tele = render_frame(7, 60, 80, (120.0, 120.0, 40.0, 30.0))
+    d = np.arange(-10, 10)
+    np.testing.assert_array_equal(tele[30 + 2 * d[:, None], 40 + 2 * d[None, :]], wide[30 + d[:, None], 40 + d[None, :]])
+    assert main(["synth", "--out", str(tmp_path / "tele"), "--n-train", "1", "--n-test", "1", "--size", "60x80",
+                 "--intrinsics", "120,120,40,30", "--workers", "1"]) == 0
+    assert (tmp_path / "tele" / "train_files.txt").read_text().split()[2] == "120.0000"
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "tele" / "dense.yaml").read_text())["intrinsics"] == [120.0, 120.0, 40.0, 30.0]

@@ -63,9 +63,10 @@ def test_image_id_is_reused_for_points_grid_and_intrinsics(predictor):
     np.testing.assert_allclose(first["depth_m"], predictor.predict(str(OTHER), points), rtol=1e-6)
     grid = client.post("/v1/depth", json={"image_id": image_id, "grid": 4}).json()
     np.testing.assert_allclose(grid["depth_m"], predictor.predict(str(OTHER), grid_points(4, 480, 640)), rtol=1e-6)
-    camera = [518.86, 519.47, 325.58, 253.74]
+    camera = [2 * predictor.canonical_focal, 1037.0, 325.58, 253.74]  # twice the canonical focal: twice the depth
     with_xyz = client.post("/v1/depth", data={"image_id": image_id, "points": json.dumps(points),
                                               "intrinsics": json.dumps(camera)}).json()
+    np.testing.assert_allclose(with_xyz["depth_m"], 2 * np.array(first["depth_m"]), rtol=1e-6)
     want = backproject(np.array(points), np.array(with_xyz["depth_m"], dtype=np.float32), camera)
     np.testing.assert_allclose(with_xyz["xyz"], want, rtol=1e-5)
     assert "encode" not in with_xyz["timing_ms"]  # decoding only

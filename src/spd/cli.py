@@ -86,8 +86,11 @@ def _device(text: str) -> str:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from spd.data.synthetic import generate
+    from spd.intrinsics import read_intrinsics
 
-    out = generate(args.out, args.n_train, args.n_test, args.size, args.holes, args.seed, args.workers, sparse=args.sparse)
+    intrinsics = read_intrinsics(args.intrinsics) if args.intrinsics else None
+    out = generate(args.out, args.n_train, args.n_test, args.size, args.holes, args.seed, args.workers, sparse=args.sparse,
+                   intrinsics=intrinsics)
     print(f"wrote {args.n_train} train + {args.n_test} test frames to {out} "
           f"(lists: {out / 'train_files.txt'}, {out / 'test_files.txt'}; descriptions: {out / 'dense.yaml'}"
           + (f", {out / 'sparse.yaml'} with {args.sparse} labels per image)" if args.sparse else ")"))
@@ -285,7 +288,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         predictor = Predictor(_load_any_model(args.model, args.device), args.device, dtype=args.dtype,
                               max_side=args.max_side or None)
-    depth = predictor.predict(rgb, points)
+    depth = predictor.predict(rgb, points, intrinsics)
     if not np.isfinite(depth).all():
         raise UserInputError(f"the model returned non-finite depths at {int((~np.isfinite(depth)).sum())} points; "
                              "nothing written (is the model folder trained?)")
@@ -479,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write results to .json or .csv (default: print them)")
     p.add_argument("--vis", default=None, help="write a PNG overlay: points coloured by depth with a colour bar")
     p.add_argument("--intrinsics", default=None,
-                   help="fx,fy,cx,cy in pixels, or a file (.npy 3x3, .json, .txt): also output camera-frame X, Y, Z [m]")
+                   help="fx,fy,cx,cy in the image's pixels, or a file (.npy 3x3, .json, .txt): depth for this camera "
+                        "(without it: the model's canonical camera, fx = its canonical_focal) and camera-frame X, Y, Z [m]")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast inference (default fp32)")
     p.add_argument("--max-side", type=_non_negative_int, default=640,
@@ -564,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holes", action="store_true", help="add Kinect-like holes (depth 0) to the depth maps")
     p.add_argument("--sparse", type=_non_negative_int, default=0,
                    help="also write sparse.yaml: N point labels (u,v,depth_m CSV) per image (default 0: none)")
+    p.add_argument("--intrinsics", default=None,
+                   help="the camera: fx,fy,cx,cy in pixels of the written size, or a file as for `spd predict` "
+                        "(default: NYU's, scaled to the width). The same --seed gives the same rooms and poses")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="frame i depends only on (seed, split, i)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
     p.set_defaults(func=_cmd_synth)

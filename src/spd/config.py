@@ -40,6 +40,8 @@ class ModelConfig:
     head_init_depth: float = 2.5  # metres; last bias = ln(2.5) so training starts near a room's depth
     # --- training-only heads -----------------------------------------------------------------
     canvas_head_dim: int = 64  # canvas L2 -> x2 -> Conv3x3(d->64) -> Conv1x1(64->1)
+    # --- camera (DESIGN §9, spd/camera.py) -----------------------------------------------------
+    canonical_focal: float = 518.8579  # px: the model predicts depth as seen with this fx (NYU's)
     # --- ablation flags (DESIGN §8, the plan's §10.5) ------------------------------------------
     l3_dim: int | None = None  # None = native (384); 256 = project L3 in the neck ("L3 at 256")
     global_projection: bool = False  # v14-style: L3/L4 projected to d in the neck, identity V maps
@@ -64,7 +66,7 @@ class ModelConfig:
     RULES: ClassVar[dict[str, Rule]] = {
         name: (positive, "> 0") for name in (
             "d_model", "n_heads", "n_points", "ffn_dim", "fourier_freqs", "ldrm_mid_dim", "ldrm_out_dim", "head_hidden",
-            "head_init_depth", "canvas_head_dim",
+            "head_init_depth", "canvas_head_dim", "canonical_focal",
         )
     } | {"n_msda_layers": (non_negative, ">= 0"), "n_global_layers": (non_negative, ">= 0"),
          "l4_self_attn_layers": (non_negative, ">= 0"), "l3_dim": (optional(positive), "null or > 0")}

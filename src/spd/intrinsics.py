@@ -12,7 +12,11 @@ from spd.errors import UserInputError
 
 
 def checked_intrinsics(values, source: str) -> tuple[float, float, float, float]:
-    fx, fy, cx, cy = (float(v) for v in values)
+    """(fx, fy, cx, cy) as floats; UserInputError naming `source` unless four finite numbers, fx, fy > 0."""
+    try:
+        fx, fy, cx, cy = (float(v) for v in values)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{source}: intrinsics must be four numbers fx, fy, cx, cy in pixels; got {values!r}") from None
     if not all(math.isfinite(v) for v in (fx, fy, cx, cy)) or fx <= 0 or fy <= 0:
         raise UserInputError(f"{source}: intrinsics need finite fx, fy > 0 and cx, cy; got {[fx, fy, cx, cy]}")
     return fx, fy, cx, cy

@@ -9,6 +9,11 @@ Points are (u, v) = (column, row) pixels of *your* image, integers at pixel cent
 satisfy -0.5 <= u <= W - 0.5 and -0.5 <= v <= H - 0.5. Preprocessing (RGB conversion, ImageNet
 normalisation, padding to a multiple of 32) happens inside.
 
+Depth is for the model's canonical camera (`spd.camera`) unless you give the camera's intrinsics
+(fx, fy, cx, cy) in your image's pixels: `p.predict(image, points, intrinsics=(fx, fy, cx, cy))`
+returns depth for that camera (the prediction times fx_seen / f_c, fx_seen being fx on the image the
+model saw, after any resize).
+
 Queries share information through the model's canvas, so a point's depth depends slightly on
 the other points decoded in the same call. Large point sets are therefore shuffled with a fixed
 seed and decoded in chunks of `chunk_size` (the training K, 256): every chunk looks like a training
@@ -26,11 +31,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from spd.camera import canonical_focal_of, prediction_to_metric
 from spd.chunked import K_BUCKETS, decode_in_chunks
 from spd.data.io import read_rgb
 from spd.data.transforms import normalize_image
 from spd.errors import UserInputError
 from spd.geometry.validation import validate_queries
+from spd.intrinsics import checked_intrinsics
 from spd.models.precision import low_precision_copy
 
 ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W, 3) uint8 | torch.Tensor (3, H, W)
@@ -89,7 +96,7 @@ def grid_points(n: int, height: int, width: int) -> np.ndarray:
 
 def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W, 3) uint8 -> (height, width, 3) uint8, bilinear (PIL, as every backend resizes)."""
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None))
+    return np.array(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None))
 
 
 def check_points(points, height: int, width: int) -> torch.Tensor:
@@ -165,6 +172,7 @@ class Predictor:
         if max_side is not None and max_side < 32:
             raise UserInputError(f"max_side must be at least 32 pixels, got {max_side}")
         self.max_side = max_side
+        self.canonical_focal = canonical_focal_of(model)
 
     def _autocast(self):
         if self.dtype == "bf16":
@@ -201,29 +209,39 @@ class Predictor:
             return self.model.encode(tensor.to(self.device))
 
     @torch.inference_mode()
-    def decode(self, features: ImageFeatures, points) -> np.ndarray:
-        """Depth [m] at (K, 2) points of the encoded image. Returns (K,) float32."""
+    def decode(self, features: ImageFeatures, points, intrinsics: Sequence[float] | None = None) -> np.ndarray:
+        """Depth [m] at (K, 2) points of the encoded image, for the camera of `intrinsics` (fx, fy, cx,
+        cy in the image's pixels; None: the model's canonical camera). Returns (K,) float32."""
         queries = check_points(points, features.height, features.width)  # validated once, in the user's pixels
+        if intrinsics is not None:
+            intrinsics = checked_intrinsics(intrinsics, "intrinsics")
         if features.scale != (1.0, 1.0):  # pixel centres map onto pixel centres of the resized image
             queries = ((queries + 0.5) * torch.tensor(features.scale) - 0.5).clamp_min(-0.5)
         queries = queries.to(self.device)
         with self._autocast():
             depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed,
                                      buckets=self.buckets, decode=self._decode)
-        return depth.float().cpu().numpy()
+        depth = depth.float().cpu().numpy()
+        seen_focal = intrinsics[0] * features.scale[0] if intrinsics is not None else None  # fx on the model's image
+        return prediction_to_metric(depth, seen_focal, self.canonical_focal).astype(np.float32)
 
-    def predict(self, image: ImageLike, points) -> np.ndarray:
-        """Depth [m] at (K, 2) pixel points. Returns (K,) float32."""
-        return self.decode(self.encode(image), points)
+    def predict(self, image: ImageLike, points, intrinsics: Sequence[float] | None = None) -> np.ndarray:
+        """Depth [m] at (K, 2) pixel points, for the camera of `intrinsics` (None: the canonical one,
+        see the module docstring). Returns (K,) float32."""
+        return self.decode(self.encode(image), points, intrinsics)
 
     def predict_points3d(self, image: ImageLike, points, intrinsics: Sequence[float]) -> np.ndarray:
         """Camera-frame 3-D points [m] at (K, 2) pixels; intrinsics (fx, fy, cx, cy) in pixels. (K, 3)."""
         features = self.encode(image)
-        depth = self.decode(features, points)
+        depth = self.decode(features, points, intrinsics)
         return backproject(check_points(points, features.height, features.width).numpy(), depth, intrinsics)
 
-    def predict_batch(self, images: Sequence[ImageLike], points_list: Sequence) -> list[np.ndarray]:
-        """One depth array per (image, points) pair; each image is encoded once."""
+    def predict_batch(self, images: Sequence[ImageLike], points_list: Sequence,
+                      intrinsics_list: Sequence | None = None) -> list[np.ndarray]:
+        """One depth array per (image, points[, intrinsics]) triple; each image is encoded once."""
         if len(images) != len(points_list):
             raise UserInputError(f"{len(images)} images but {len(points_list)} point sets")
-        return [self.predict(image, points) for image, points in zip(images, points_list)]
+        if intrinsics_list is not None and len(intrinsics_list) != len(images):
+            raise UserInputError(f"{len(images)} images but {len(intrinsics_list)} intrinsics")
+        cameras = intrinsics_list if intrinsics_list is not None else [None] * len(images)
+        return [self.predict(image, points, camera) for image, points, camera in zip(images, points_list, cameras)]

@@ -28,6 +28,10 @@ class DataConfig:
     crop_size: list[int] | None = field(default_factory=lambda: [416, 544])  # BTS random crop
     rotation_deg: float = 2.5
     color_p: float = 0.5
+    # Camera augmentation (spd.camera): each training image is enlarged by s ~ U(1, zoom) around a
+    # random window, which multiplies its focal length by s, so the labels' canonical depth changes
+    # with s and the model must read depth from apparent size. 1 = off (the BTS recipe).
+    zoom: float = 1.0
     num_queries: int = 256  # K per training image
     min_depth: float = 0.1  # training GT range (0.1, 10] m
     max_depth: float = 10.0
@@ -45,6 +49,7 @@ class DataConfig:
         "crop_size": (optional(lambda s: len(s) == 2 and all(v > 0 and v % 32 == 0 for v in s)),
                       "null or [height, width], positive multiples of 32"),
         "rotation_deg": (non_negative, ">= 0"), "color_p": (unit_interval, "in [0, 1]"),
+        "zoom": (lambda v: v >= 1, ">= 1"),
         "num_queries": (positive, "> 0"), "min_depth": (positive, "> 0"), "max_depth": (positive, "> 0"),
         "workers": (non_negative, ">= 0"),
     }

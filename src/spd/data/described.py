@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from spd.data.io import NYU_FOCAL, DataError, parse_number_rows, read_depth_png, read_rgb
+from spd.data.io import DataError, parse_number_rows, read_depth_png, read_rgb
 from spd.data.nyu import DepthDataset, Split
 from spd.errors import ConfigError, DataLayoutError
 
@@ -182,7 +182,8 @@ class DescribedDepth(DepthDataset):
     """A dataset description as a `DepthDataset` (the sample dict of `spd.data.nyu`).
 
     `which="list"` reads the description's samples, `"val_list"` its validation samples. `focal` is
-    each frame's fx (NYU's when the description gives no intrinsics). Evaluation queries use no crop:
+    each frame's fx, or None when the description gives no intrinsics (the model's canonical camera is
+    then assumed, spd.camera). Evaluation queries use no crop:
     the Eigen / Garg crops are NYU's."""
 
     def __init__(self, description: str | Path | DatasetDescription, split: Split = "train", which: str = "list",
@@ -200,5 +201,5 @@ class DescribedDepth(DepthDataset):
     def load(self, index: int) -> tuple:
         frame = self.frames[index]
         rgb, depth, points = load_frame(frame, self.description.depth_scale)
-        focal = frame.intrinsics[0] if frame.intrinsics is not None else NYU_FOCAL
+        focal = frame.intrinsics[0] if frame.intrinsics is not None else None
         return rgb, depth, focal, frame.id, frame.where, points

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from spd.data.io import NYU_FOCAL, DataError, read_depth_png, read_rgb
 from spd.data.queries import CropName, sample_eval_queries, sample_uniform_queries
 from spd.data.transforms import (
-    NYU_BTS_BOX, NYU_FRAME_SIZE, apply, crop_box, rasterise_points, test_transform, train_transform,
+    NYU_BTS_BOX, NYU_FRAME_SIZE, apply, crop_box, random_zoom, rasterise_points, test_transform, train_transform,
 )
 
 Split = Literal["train", "test"]
@@ -99,6 +99,7 @@ class DepthDataset(Dataset):
         seed: int = 0,
         eval_crop: CropName = "eigen",
         valid_box: tuple[int, int, int, int] | None = None,
+        zoom: float = 1.0,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -107,6 +108,7 @@ class DepthDataset(Dataset):
         self.min_depth, self.max_depth = min_depth, max_depth
         self.seed, self.eval_crop = seed, eval_crop
         self.epoch = 0
+        self.zoom = zoom if split == "train" else 1.0
         self.transform = train_transform(self.crop_size, rotation_deg, color_p) if split == "train" else test_transform()
         # The NYU recipe (BTS): training frames of NYU's size are first cut to the box that holds
         # registered depth, then rotated, then randomly cropped. Other sizes: the generic order.
@@ -131,7 +133,9 @@ class DepthDataset(Dataset):
             raise DataError(where, f"depth is {depth.shape[1]}x{depth.shape[0]} but the RGB is {rgb.shape[1]}x{rgb.shape[0]}")
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
         depth_t = torch.from_numpy(np.ascontiguousarray(depth))[None]
-        image, depth_t, uv, generator = self._augment(index, image, depth_t, points, where)
+        image, depth_t, uv, generator, zoomed = self._augment(index, image, depth_t, points, where)
+        if focal is not None:
+            focal = focal * zoomed  # an enlarged image is a longer lens (spd.camera)
         if points is not None:
             depth_t = rasterise_points(uv, points[:, 2], tuple(image.shape[-2:]))
         valid = (depth_t > self.min_depth) & (depth_t <= self.max_depth)
@@ -145,23 +149,27 @@ class DepthDataset(Dataset):
         return sample
 
     def _augment(self, index: int, image, depth_t, points, where: str):
-        """(image, depth, moved points (N, 2) or None, the sample's query generator or None)."""
+        """(image, depth, moved points (N, 2) or None, the sample's query generator or None, the zoom
+        factor applied to the focal length)."""
         uv = points[:, :2] if points is not None else None
         if self.split != "train":
-            return *apply(self.transform, image, depth_t, uv), None
+            return *apply(self.transform, image, depth_t, uv), None, 1.0
         transform = self.transform
         if self.valid_box is not None and tuple(image.shape[1:]) == NYU_FRAME_SIZE:
             image, depth_t = crop_box(image, depth_t, self.valid_box)
             if uv is not None:
                 uv = uv - torch.tensor([float(self.valid_box[0]), float(self.valid_box[1])])
             transform = self.box_transform
+        seed = sample_seed(self.seed, self.epoch, index)
+        zoomed = 1.0
+        if self.zoom > 1:  # its own generator: the other draws stay those of a run without zoom
+            image, depth_t, uv, zoomed = random_zoom(image, depth_t, uv, self.zoom, torch.Generator().manual_seed(seed + 1))
         if self.crop_size and (image.shape[1] < self.crop_size[0] or image.shape[2] < self.crop_size[1]):
             raise DataError(where, f"image {image.shape[2]}x{image.shape[1]} is smaller than the crop {self.crop_size}")
-        seed = sample_seed(self.seed, self.epoch, index)
         with torch.random.fork_rng(devices=[]):  # v2 transforms draw from the global RNG
             torch.manual_seed(seed)
             image, depth_t, uv = apply(transform, image, depth_t, uv)
-        return image, depth_t, uv, torch.Generator().manual_seed(seed)
+        return image, depth_t, uv, torch.Generator().manual_seed(seed), zoomed
 
 
 class NYUDepth(DepthDataset):

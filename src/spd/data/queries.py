@@ -100,11 +100,12 @@ def downsample_valid_mean(depth: torch.Tensor, valid: torch.Tensor, stride: int 
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stacks samples; query sets of different K are padded to the largest with mask False."""
+    """Stacks samples; query sets of different K are padded to the largest with mask False. `focal`
+    (B,) px, NaN where a frame's camera is unknown (spd.camera)."""
     batch: dict = {}
     for key in ("image", "depth", "valid"):
         batch[key] = torch.stack([s[key] for s in samples])
-    batch["focal"] = torch.tensor([float(s["focal"]) for s in samples])
+    batch["focal"] = torch.tensor([float("nan") if s["focal"] is None else float(s["focal"]) for s in samples])
     batch["id"] = [s["id"] for s in samples]
     if "queries" in samples[0]:
         k = max(s["queries"].shape[0] for s in samples)

@@ -3,8 +3,9 @@
 Each frame is a ray-cast room: floor, walls and ceiling at random distances, axis-aligned boxes
 (furniture) and spheres, procedural textures (stripes, tiles, grain, noise), a point light with
 Lambertian shading and distance fall-off, and the NYU camera (fx = 518.8579 at 640 px wide, scaled
-with the image). Depth is the exact z-depth of the first hit, written as uint16 millimetres, with
-optional Kinect-like holes (blobs and shadows along depth edges). Frame i of a split depends only
+with the image) or any pinhole camera you give (`intrinsics`). Depth is the exact z-depth of the
+first hit, written as uint16 millimetres, with optional Kinect-like holes (blobs and shadows along
+depth edges). Frame i of a split depends only
 on (seed, split, i), so the output is deterministic whatever the worker count.
 
 Layout (like BTS NYU):
@@ -109,10 +110,18 @@ def _surface_uv(points: np.ndarray, normal: np.ndarray) -> np.ndarray:
     return uv
 
 
-def render_frame(seed: int, height: int = 480, width: int = 640) -> tuple[np.ndarray, np.ndarray]:
-    """One random room. Returns rgb (H, W, 3) uint8 and z-depth (H, W) float32 metres (no holes)."""
+def nyu_camera(width: int) -> tuple[float, float, float, float]:
+    """NYU's intrinsics (fx, fy, cx, cy) scaled to an image `width` pixels wide."""
+    return tuple(v * width / 640 for v in NYU_INTRINSICS)
+
+
+def render_frame(seed: int, height: int = 480, width: int = 640,
+                 intrinsics: tuple[float, float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One random room seen by a pinhole camera (`intrinsics` fx, fy, cx, cy in pixels; None: NYU's
+    scaled to `width`). The room, furniture and camera pose depend only on `seed`, so two cameras
+    see the same room. Returns rgb (H, W, 3) uint8 and z-depth (H, W) float32 metres (no holes)."""
     rng = np.random.default_rng(seed)
-    fx, fy, cx, cy = (v * width / 640 for v in NYU_INTRINSICS)
+    fx, fy, cx, cy = intrinsics if intrinsics is not None else nyu_camera(width)
     room = np.array([rng.uniform(3.0, 6.0), rng.uniform(2.4, 3.0), rng.uniform(3.5, 7.5)])
     camera = np.array([rng.uniform(0.35, 0.65) * room[0], rng.uniform(1.0, 1.6), rng.uniform(0.2, 0.8)])
     rotation = _rotation(rng.uniform(-0.5, 0.5), rng.uniform(-0.3, 0.1), rng.uniform(-0.05, 0.05))
@@ -186,19 +195,18 @@ def frame_seed(seed: int, split: str, index: int) -> int:
     return zlib.crc32(f"spd-synth:{seed}:{split}:{index}".encode())
 
 
-def _write_frame(args: tuple[Path, str, int, int, int, int, bool]) -> str:
-    split_root, split, index, seed, height, width, holes = args
+def _write_frame(args: tuple[Path, str, int, int, int, int, bool, tuple]) -> str:
+    split_root, split, index, seed, height, width, holes, intrinsics = args
     seed_i = frame_seed(seed, split, index)
-    rgb, depth = render_frame(seed_i, height, width)
+    rgb, depth = render_frame(seed_i, height, width, intrinsics)
     if holes:
         depth = add_kinect_holes(depth, np.random.default_rng(seed_i + 1))
     scene = f"synth_room_{index:05d}"
     (split_root / scene).mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(split_root / scene / "rgb_00000.jpg", quality=95)
     write_depth_png(split_root / scene / "sync_depth_00000.png", depth)
-    focal = NYU_INTRINSICS[0] * width / 640
     lead = "/" if split == "train" else ""  # BTS: train lines start with '/', test lines do not
-    return f"{lead}{scene}/rgb_00000.jpg {lead}{scene}/sync_depth_00000.png {focal:.4f}"
+    return f"{lead}{scene}/rgb_00000.jpg {lead}{scene}/sync_depth_00000.png {intrinsics[0]:.4f}"
 
 
 def generate(
@@ -211,32 +219,33 @@ def generate(
     workers: int | None = None,
     progress: bool = True,
     sparse: int = 0,
+    intrinsics: tuple[float, float, float, float] | None = None,
 ) -> Path:
-    """Writes a synthetic NYU-layout dataset to `out` and returns `out`."""
+    """Writes a synthetic NYU-layout dataset to `out` and returns `out`. `intrinsics` (fx, fy, cx, cy)
+    in pixels of the written size: the camera (None: NYU's scaled to the width); the split lists and
+    descriptions record it."""
     from tqdm import tqdm
 
     out = Path(out)
     height, width = size
+    camera = tuple(float(v) for v in intrinsics) if intrinsics is not None else nyu_camera(width)
     jobs = []
     for split, count, sub in (("train", n_train, TRAIN_DIR), ("test", n_test, TEST_DIR)):
-        jobs += [(out / sub, split, i, seed, height, width, holes) for i in range(count)]
+        jobs += [(out / sub, split, i, seed, height, width, holes, camera) for i in range(count)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         lines = list(tqdm(pool.map(_write_frame, jobs, chunksize=4), total=len(jobs), desc="spd synth", disable=not progress))
     (out / "train_files.txt").write_text("".join(line + "\n" for line in lines[:n_train]))
     (out / "test_files.txt").write_text("".join(line + "\n" for line in lines[n_train:]))
-    write_descriptions(out, lines[:n_train], lines[n_train:], size, sparse, seed)
+    write_descriptions(out, lines[:n_train], lines[n_train:], camera, sparse, seed)
     return out
 
 
-def write_descriptions(out: Path, train_lines: list[str], test_lines: list[str], size: tuple[int, int], sparse: int,
+def write_descriptions(out: Path, train_lines: list[str], test_lines: list[str], camera: tuple, sparse: int,
                        seed: int) -> None:
     """The same frames as dataset descriptions (`spd.data.described`): `dense.yaml` (the depth PNGs)
     and, with `sparse` > 0, `sparse.yaml`: per frame a `points.csv` of `sparse` labels u, v, depth_m
     at distinct valid pixel centres (fixed seed), read from the frame's exact depth."""
-    height, width = size
-    scale = width / 640
-    intrinsics = [round(NYU_INTRINSICS[0] * scale, 4), round(NYU_INTRINSICS[1] * scale, 4),
-                  round(NYU_INTRINSICS[2] * scale, 4), round(NYU_INTRINSICS[3] * scale, 4)]
+    intrinsics = [round(float(v), 4) for v in camera]
     kinds = {"dense": lambda rgb, depth, split, i: depth}
     if sparse > 0:
         kinds["sparse"] = lambda rgb, depth, split, i: _write_points(out, depth, sparse, frame_seed(seed, split, i) + 2)

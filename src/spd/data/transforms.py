@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -52,6 +53,32 @@ def crop_box(image: torch.Tensor, depth: torch.Tensor, box: tuple[int, int, int,
     """image (3, H, W), depth (1, H, W) cut to a PIL-style box (left, upper, right, lower)."""
     left, upper, right, lower = box
     return image[:, upper:lower, left:right], depth[:, upper:lower, left:right]
+
+
+def random_zoom(
+    image: torch.Tensor, depth: torch.Tensor, uv: torch.Tensor | None, max_zoom: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+    """Enlarges a random window of the image back to the full size, as a lens of s times the focal
+    length would see it, s ~ U(1, max_zoom): image bilinear, depth nearest (no mixed depths), points
+    exactly (pixel centres map onto pixel centres). Returns (image, depth, uv, s_x) where s_x is the
+    horizontal enlargement, the factor on fx (spd.camera).
+
+    Shape: image (3, H, W), depth (1, H, W), uv (N, 2) pixel (u, v) or None -> same shapes.
+    """
+    height, width = image.shape[-2:]
+    zoom = 1.0 + (max_zoom - 1.0) * float(torch.rand((), generator=generator))
+    crop_h, crop_w = max(1, round(height / zoom)), max(1, round(width / zoom))
+    top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+    left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
+    window = (slice(None), slice(top, top + crop_h), slice(left, left + crop_w))
+    # align_corners=False and nearest-exact: output pixel i reads input (i + 0.5) / s - 0.5, the
+    # pixel-centre convention the points follow below.
+    image = F.interpolate(image[window][None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    depth = F.interpolate(depth[window][None], size=(height, width), mode="nearest-exact")[0]
+    scale_x, scale_y = width / crop_w, height / crop_h
+    if uv is not None:
+        uv = (uv + 0.5 - torch.tensor([float(left), float(top)])) * torch.tensor([scale_x, scale_y]) - 0.5
+    return image, depth, uv, scale_x
 
 
 def train_transform(

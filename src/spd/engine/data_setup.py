@@ -40,7 +40,7 @@ def training_set(root: Path, cfg: TrainConfig):
     BTS layout or `spd synth` output), with the run's augmentation and query settings."""
     d = cfg.data
     common = dict(num_queries=d.num_queries, crop_size=d.crop_size, rotation_deg=d.rotation_deg, color_p=d.color_p,
-                  min_depth=d.min_depth, max_depth=d.max_depth, seed=cfg.seed)
+                  zoom=d.zoom, min_depth=d.min_depth, max_depth=d.max_depth, seed=cfg.seed)
     if is_description(root):
         return DescribedDepth(root, "train", **common)
     if not root.is_dir():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from spd.camera import canonical_focal_of, prediction_to_metric
 from spd.chunked import decode_in_chunks
 from spd.data.queries import crop_mask, eval_seed
 from spd.metrics import MetricAccumulator, depth_metrics
@@ -49,7 +50,8 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], MetricAccumulator]:
-    """Mean metrics over the dataset's images. The dataset yields `image`, `depth`, `valid`, `id`;
+    """Mean metrics over the dataset's images, in metres: predictions are converted from the model's
+    canonical camera by each sample's `focal` (spd.camera). The dataset yields `image`, `depth`, `valid`, `id`;
     for the sparse protocol it must also yield the fixed-seed `queries` / `query_mask`."""
     from tqdm import tqdm
 
@@ -61,15 +63,18 @@ def evaluate(
         image = sample["image"][None].to(device)
         gt = sample["depth"][0]
         features = model.encode(image)
+        focal = sample.get("focal")
         if protocol == "sparse":
             queries, mask = sample["queries"], sample["query_mask"]
             pred = model.decode(features, queries[None].to(device), mask[None].to(device))[0].cpu()
+            pred = prediction_to_metric(pred, focal, canonical_focal_of(model))
             u, v = queries[mask].long().unbind(-1)
             metrics = depth_metrics(pred[mask], gt[v, u], min_depth=min_depth, max_depth=max_depth)
         else:
             region = (gt > min_depth) & (gt < max_depth) & crop_mask(*gt.shape, crop)
             queries = dense_query_order(region, seed, sample["id"])
-            pred = decode_in_chunks(model, features, queries.to(device), chunk).cpu()
+            pred = prediction_to_metric(decode_in_chunks(model, features, queries.to(device), chunk).cpu(), focal,
+                                        canonical_focal_of(model))
             u, v = queries.long().unbind(-1)
             metrics = depth_metrics(pred, gt[v, u], min_depth=min_depth, max_depth=max_depth)
         accumulator.update(metrics)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from spd.camera import canonical_focal_of, labels_to_canonical
 from spd.engine import distributed as dist_utils
 from spd.engine.checkpoint import link_copy, rng_state, save_checkpoint
 from spd.engine.data_setup import EpochPlan
@@ -84,6 +85,7 @@ def train_step(session: Session, batches, state: TrainState) -> dict[str, torch.
     terms_sum: dict[str, torch.Tensor] = {}
     for micro in range(cfg.accum_steps):
         batch = {k: v.to(info.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        batch = labels_to_canonical(batch, canonical_focal_of(model))  # the model learns its canonical camera
         state.micro_in_epoch += 1
         last = micro == cfg.accum_steps - 1
         with nullcontext() if last or not info.distributed else session.net.no_sync():

@@ -45,7 +45,9 @@ def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
     return SPD(cfg.model_config())
 
 
-ARCHITECTURE_INDEPENDENT = {"encoder_weights", "encoder_fast", "decoder_fast", "ldrm_fast"}  # may differ in --init-from
+# May differ in --init-from: where the encoder's first weights came from, exact speed knobs, and the
+# canonical camera (the run's config says which camera the fine-tuned model learns; spd.camera).
+ARCHITECTURE_INDEPENDENT = {"encoder_weights", "encoder_fast", "decoder_fast", "ldrm_fast", "canonical_focal"}
 
 
 def init_weights_from(model: torch.nn.Module, folder: str) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spd.camera import DEFAULT_CANONICAL_FOCAL
 from spd.errors import SPDError, UserInputError
 from spd.export.onnx_export import DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE
 from spd.models.folder import CheckpointError, file_sha256
@@ -83,6 +84,8 @@ class OnnxPredictor(Predictor):
         self._decoder = _session(ort, self.folder / DECODER_FILE, options, providers)
         self._check_graphs()
         self.device, self.model, self.dtype = torch.device("cpu"), None, "fp32"
+        spd_config = self.manifest.get("spd_config") or {}
+        self.canonical_focal = float(spd_config.get("canonical_focal", DEFAULT_CANONICAL_FOCAL))  # older exports: NYU's
         self.chunk_size, self.seed, self.buckets, self.max_side, self.resize = chunk_size, seed, None, None, resize
         self._decode = self._run_decoder
 

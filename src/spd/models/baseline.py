@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd.data.io import NYU_FOCAL
 from spd.geometry.coords import pixel_to_grid
 from spd.geometry.validation import validate_queries
 from spd.models.splat import sample_at
@@ -74,6 +75,8 @@ class DepthAnythingBaseline(nn.Module):
         encode: images (B, 3, H, W) ImageNet-normalised -> DenseDepth (B, 1, H, W) metres.
         decode: queries (B, K, 2) pixel (u, v) -> (B, K) metres (bilinear samples of the map).
     """
+
+    canonical_focal = NYU_FOCAL  # px: trained on NYU's camera (spd.camera)
 
     def __init__(self, weights_dir: str | Path | None = None, input_mode: InputMode = "fair", max_depth: int = 10):
         super().__init__()

@@ -82,6 +82,11 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         self.canvas_head = CanvasHead(cfg.d_model, cfg.canvas_head_dim)
         self.patch_head = PatchDenseHead(cfg.d_model, cfg.ldrm_out_dim) if cfg.use_ldrm else None
 
+    @property
+    def canonical_focal(self) -> float:
+        """The focal length [px] this model's depths are for (spd.camera)."""
+        return self.config.canonical_focal
+
     # ------------------------------------------------------------------------------------------
     def inference_paths(self, requested: InferencePaths | None = None) -> InferencePaths:
         """The one decision of fast vs reference paths. Inference (eval mode, no autograd) takes the

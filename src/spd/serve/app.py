@@ -2,7 +2,8 @@
 
     POST /v1/encode   multipart `image`                          -> {image_id, width, height, ...}
     POST /v1/depth    multipart `image` or `image_id`, `points` (JSON [[u, v], ...]) or `grid` (N),
-                      optional `intrinsics` (JSON [fx, fy, cx, cy]); or the same as a JSON body with
+                      optional `intrinsics` (JSON [fx, fy, cx, cy]: depth for that camera, and xyz; without
+                      them the model's canonical camera, spd.camera); or the same as a JSON body with
                       `image_id`                                  -> {depth_m, points, xyz?, width, height, model, ...}
     GET  /healthz, /v1/info, /docs (OpenAPI), /  (the click-for-depth page, `page.html`)
 
@@ -200,7 +201,7 @@ def _answer_depth(state: ServerState, fields: dict, rgb: np.ndarray | None) -> d
     intrinsics = _intrinsics(fields.get("intrinsics"))
     start = time.perf_counter()
     with state.lock:
-        depth = state.predictor.decode(features, points)
+        depth = state.predictor.decode(features, points, intrinsics)
     timing["decode"] = (time.perf_counter() - start) * 1000
     answer = {"model": state.model_name, "image_id": image_id, "width": features.width, "height": features.height,
               "points": points.tolist(), "depth_m": depth.tolist(), "timing_ms": timing}

@@ -44,12 +44,14 @@ def test_splat_is_the_adjoint_of_sampling():
 
 
 def _rows_plan(maps: list[torch.Tensor], grid: torch.Tensor, mask: torch.Tensor):
-    """A row table of four d-wide maps and the queries' QueryRows on it (canvas = maps 1..3)."""
+    """A row table of four d-wide maps, the queries' QueryRows on it (canvas = maps 1..3) and the
+    LevelIndex of a 2-head MSDA reading the four maps."""
     table, layout, views = build_row_table(maps)
-    index = level_index(layout, [0, 1, 2, 3], grid.device, heads=2)
+    seed_index = level_index(layout, [0, 1, 2, 3], grid.device)
     extent = torch.tensor([[w, h] for h, w in layout.sizes], dtype=grid.dtype).view(4, 1, 2)
     start, stop = layout.offsets[1], layout.offsets[3] + layout.rows(3)
-    return table, layout, views, index, query_rows(grid, mask, index, extent, start, stop - start, (2, 4 * 4 * 4))
+    plan = query_rows(grid, mask, seed_index, extent, start, stop - start, (2, 4 * 4 * 4))
+    return table, layout, views, level_index(layout, [0, 1, 2, 3], grid.device, heads=2, points=4), plan
 
 
 def test_row_reads_match_grid_sample_with_points_outside():

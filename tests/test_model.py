@@ -196,6 +196,25 @@ def test_folded_encoder_matches_timm_forward(batch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+def test_bf16_layer_norm_outside_autocast_gives_autocasts_numbers(monkeypatch):
+    """Under bf16 autocast the folded blocks run LayerNorm on the bf16 conv output directly (no fp32
+    round trip): bit-identical features to letting autocast run it in fp32 and cast for fc1."""
+    from contextlib import nullcontext
+
+    import spd.models.encoder as encoder_module
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = encoder_module.Encoder("convnextv2_atto").eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = encoder(images, folded=True)
+        monkeypatch.setattr(encoder_module, "_low_precision_norm", lambda x: nullcontext())
+        round_trip = encoder(images, folded=True)
+    assert all(torch.equal(a, b) for a, b in zip(direct, round_trip, strict=True))
+
+
 def test_one_decision_of_fast_paths(tiny_model):
     """Inference (eval + no autograd) takes the config's fast paths; training or autograd the
     references; asking for a fast path where it is not exact is an error."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import timm
@@ -32,7 +33,9 @@ def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tens
     # Channels-last from here on; `conv_mlp` blocks (the atto model) hold 1x1 convs instead of
     # Linear layers and an NCHW LayerNorm: the same numbers, applied the same way below.
     norm, mlp = block.norm, block.mlp
-    x = F.layer_norm(block.conv_dw(x).permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    x = block.conv_dw(x).permute(0, 2, 3, 1)
+    with _low_precision_norm(x):
+        x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     x = mlp.act(F.linear(x, mlp.fc1.weight.flatten(1), mlp.fc1.bias))  # (B, H, W, 4C)
     fc2_weight = mlp.fc2.weight.flatten(1)  # (C, 4C)
     batch, height, width, hidden = x.shape
@@ -52,6 +55,17 @@ def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tens
     if block.gamma is not None:
         x = x.mul(block.gamma.reshape(1, -1, 1, 1))
     return x + shortcut
+
+
+def _low_precision_norm(x: torch.Tensor):
+    """Under autocast, a LayerNorm on the (bf16) depthwise-conv output runs outside autocast: the
+    kernel still computes its statistics in fp32 and returns bf16, the values fc1 would receive
+    anyway, without autocast's round trip (bf16 -> fp32 copy in, fp32 -> bf16 copy out for fc1:
+    two full passes over the activation per block). Same numbers (test)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device):
+        return torch.autocast(device, enabled=False)
+    return nullcontext()
 
 
 def _supports_folding(block: nn.Module) -> bool:

@@ -185,9 +185,9 @@ class MSDeformableAttention(nn.Module):
         batch, num_queries, _ = h.shape
         heads = self.n_heads
         offsets, weights = self._offsets_and_weights(h)  # (B, K, H, L, P, 2), (B, K, H, L, P)
-        rows, corner_weight = corner_rows(plan.cells + offsets, index)  # (B, K, H, L, P, 4)
-        bags = (rows * heads + index.head).view(-1)  # bags of L*P*4 per (query, head), flat
-        weight = (corner_weight * weights.unsqueeze(-1)).view(-1)
+        bags, corner_weight = corner_rows(plan.cells + offsets, index)  # (B, K, H, 4, L, P) rows of the per-head view
+        bags = bags.view(-1)  # bags of 4*L*P per (query, head), flat
+        weight = (corner_weight * weights.unsqueeze(-3)).view(-1)
         sampled = bag_sum(table.view(-1, self.d_model // heads), bags, weight, plan.starts_msda)  # (B*K*H, d_head)
         return self.output_proj(sampled.view(batch, num_queries, self.d_model))
 

@@ -140,7 +140,8 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         table, layout, seed_views, msda_views, msda_maps = self._row_table([l1, l2, proj_l3, proj_l4], value_maps, dtype)
         seed_index, l1_index = level_index(layout, [0, 1, 2, 3], device), level_index(layout, [0], device)
         heads = self.config.n_heads
-        msda_index = None if msda_maps is None else [level_index(layout, ids, device, heads) for ids in msda_maps]
+        points = self.config.n_points
+        msda_index = None if msda_maps is None else [level_index(layout, ids, device, heads, points) for ids in msda_maps]
         seed_extent = torch.tensor([[w, h] for h, w in layout.sizes[:4]], dtype=torch.float32).view(4, 1, 2).to(device)
         return EncodedFeatures(
             *seed_views[:2], l3, l4, *seed_views[2:], msda_views, global_kv, image_size, table, layout, seed_index, msda_index,

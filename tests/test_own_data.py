@@ -60,12 +60,13 @@ def test_description_trains_with_finite_losses_and_evaluates(described_root, tmp
     assert np.isfinite(metrics["abs_rel"])
 
 
-def test_sparse_run_resumes_bit_exactly(described_root, tmp_path):
+@pytest.mark.parametrize("kind, extra", [("sparse", ()), ("dense", ("--set", "data.zoom=1.75"))])
+def test_description_run_resumes_bit_exactly(described_root, tmp_path, kind, extra):
     """Stopped by SIGTERM after a few steps (it saves, exits 75), then --resume: the same losses and
-    the same weights as an uninterrupted run."""
+    the same weights as an uninterrupted run (dense labels with the camera augmentation too)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert _train(described_root / "sparse.yaml", straight, 6).returncode == 0
-    command, env = _train_command(described_root / "sparse.yaml", resumed, 6)
+    assert _train(described_root / f"{kind}.yaml", straight, 6, extra).returncode == 0
+    command, env = _train_command(described_root / f"{kind}.yaml", resumed, 6, extra)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log, deadline = resumed / "metrics.jsonl", time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):

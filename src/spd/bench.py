@@ -199,6 +199,19 @@ def setup_for_dtype(s: BenchSetup, dtype: str, compile: bool) -> BenchSetup:
                                base_encode=base_encode)
 
 
+def paired_total_ratio(first: tuple[BenchSetup, str], second: tuple[BenchSetup, str], k: int, repeat: int) -> float:
+    """SPD total(K) at the second setup's dtype over the first's, as the median of `repeat` paired
+    ratios, each from one call of each timed back to back (as the SPD/baseline ratios: a shared
+    machine drifts by 10 % between minutes, which a ratio of medians timed minutes apart turns into
+    noise)."""
+    def total(setup: BenchSetup, dtype: str) -> float:
+        with _autocast(setup.device, dtype):
+            return sum(split_spd(setup.encode, setup.decode, setup.image, setup.queries[k], setup.device))
+
+    total(*first), total(*second)  # warm-up
+    return statistics.median(total(*second) / total(*first) for _ in range(repeat))
+
+
 def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
@@ -218,7 +231,8 @@ def run_bench(
     onnx: bool = False,
 ) -> dict:
     """Every figure of `spd bench`. The first dtype gives the main rows; each further dtype (bf16)
-    its own rows and its total-time ratio to the first, measured in the same run."""
+    its own rows and its total-time ratio to the first, measured in the same run in alternation
+    (`paired_total_ratio`)."""
     built = build_setup(height, width, ks, device, compile, baseline_input, channels_last)
     s = setup_for_dtype(built, dtypes[0], compile)
     dev, primary = s.device, dtypes[0]
@@ -242,7 +256,7 @@ def run_bench(
                 result[other] = time_models(other_setup, ks, repeat)
                 result[other]["decode_ops"], result[other]["decode_host_syncs"] = decode_ops_and_syncs(other_setup, k_ref)
             result[f"{other}_over_{primary}_total"] = {
-                k: result[other]["spd"]["total_ms"][k] / result["spd"]["total_ms"][k] for k in result["spd"]["total_ms"]
+                str(k): paired_total_ratio((s, primary), (other_setup, other), k, repeat) for k in ks
             }
     if onnx:
         if dev.type != "cpu":

@@ -122,9 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=50)
     parser.add_argument("--zoom", type=float, default=1.5, help="the test camera's focal length over the training one's")
-    parser.add_argument("--train-zoom", type=float, default=1.75, help="data.zoom of the augmented model")
+    parser.add_argument("--train-zoom", type=float, default=1.75, help="data.zoom of the augmented model (>= 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.n_train < 1 or args.n_test < 1:
+        parser.error("--n-train and --n-test must be positive")
+    if not (args.zoom > 0 and args.zoom == args.zoom) or not args.train_zoom >= 1:  # also refuses NaN
+        parser.error("--zoom must be > 0 and --train-zoom >= 1")
     result = run(args.out, args.n_train, args.n_test, args.zoom, args.train_zoom, args.seed)
     print(table(result))
     print(f"written: {args.out / 'camera_experiment.json'}")

@@ -49,7 +49,7 @@ class DataConfig:
         "crop_size": (optional(lambda s: len(s) == 2 and all(v > 0 and v % 32 == 0 for v in s)),
                       "null or [height, width], positive multiples of 32"),
         "rotation_deg": (non_negative, ">= 0"), "color_p": (unit_interval, "in [0, 1]"),
-        "zoom": (lambda v: v >= 1, ">= 1"),
+        "zoom": (lambda v: 1 <= v < float("inf"), "finite and >= 1"),
         "num_queries": (positive, "> 0"), "min_depth": (positive, "> 0"), "max_depth": (positive, "> 0"),
         "workers": (non_negative, ">= 0"),
     }

@@ -32,7 +32,8 @@ import yaml
 
 from spd.data.io import DataError, parse_number_rows, read_depth_png, read_rgb
 from spd.data.nyu import DepthDataset, Split
-from spd.errors import ConfigError, DataLayoutError
+from spd.errors import ConfigError, DataLayoutError, UserInputError
+from spd.intrinsics import checked_intrinsics
 
 DESCRIPTION_KEYS = {"root", "list", "val_list", "depth_scale", "intrinsics"}
 SPARSE_SUFFIXES, DENSE_SUFFIXES = (".csv",), (".png",)
@@ -63,13 +64,11 @@ def is_description(path: str | Path) -> bool:
 
 
 def _intrinsics(values, where: str) -> tuple[float, float, float, float]:
+    """`checked_intrinsics`, as a ConfigError: in a description they are a setting of the dataset."""
     try:
-        fx, fy, cx, cy = (float(v) for v in values)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: intrinsics must be four numbers fx fy cx cy, got {values!r}") from None
-    if not all(math.isfinite(v) for v in (fx, fy, cx, cy)) or fx <= 0 or fy <= 0:
-        raise ConfigError(f"{where}: intrinsics need finite fx, fy > 0; got {[fx, fy, cx, cy]}")
-    return fx, fy, cx, cy
+        return checked_intrinsics(values, where)
+    except UserInputError as err:
+        raise ConfigError(str(err)) from None
 
 
 def read_description(path: str | Path) -> DatasetDescription:

@@ -41,8 +41,7 @@ def label_scale(focal: torch.Tensor, canonical_focal: float | None) -> torch.Ten
     (unknown camera) or the model has no canonical focal. focal (B,) pixels -> (B,)."""
     if canonical_focal is None:
         return torch.ones_like(focal)
-    known = torch.isfinite(focal)
-    return torch.where(known, canonical_focal / torch.where(known, focal, torch.ones_like(focal)), torch.ones_like(focal))
+    return torch.where(torch.isfinite(focal), canonical_focal / focal, 1.0)  # f_c / NaN is NaN: where picks 1
 
 
 def labels_to_canonical(batch: dict, canonical_focal: float | None) -> dict:

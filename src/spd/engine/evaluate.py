@@ -58,6 +58,7 @@ def evaluate(
     count = len(dataset) if limit is None else min(limit, len(dataset))
     indices = range(rank, count, world_size)
     accumulator = MetricAccumulator()
+    canonical_focal = canonical_focal_of(model)
     for index in tqdm(indices, desc=f"eval ({protocol})", disable=not progress or rank != 0):
         sample = dataset[index]
         image = sample["image"][None].to(device)
@@ -67,14 +68,14 @@ def evaluate(
         if protocol == "sparse":
             queries, mask = sample["queries"], sample["query_mask"]
             pred = model.decode(features, queries[None].to(device), mask[None].to(device))[0].cpu()
-            pred = prediction_to_metric(pred, focal, canonical_focal_of(model))
+            pred = prediction_to_metric(pred, focal, canonical_focal)
             u, v = queries[mask].long().unbind(-1)
             metrics = depth_metrics(pred[mask], gt[v, u], min_depth=min_depth, max_depth=max_depth)
         else:
             region = (gt > min_depth) & (gt < max_depth) & crop_mask(*gt.shape, crop)
             queries = dense_query_order(region, seed, sample["id"])
             pred = prediction_to_metric(decode_in_chunks(model, features, queries.to(device), chunk).cpu(), focal,
-                                        canonical_focal_of(model))
+                                        canonical_focal)
             u, v = queries.long().unbind(-1)
             metrics = depth_metrics(pred, gt[v, u], min_depth=min_depth, max_depth=max_depth)
         accumulator.update(metrics)

@@ -258,3 +258,20 @@ def test_synth_renders_the_same_room_through_another_lens(tmp_path):
     import yaml
 
     assert yaml.safe_load((tmp_path / "tele" / "dense.yaml").read_text())["intrinsics"] == [120.0, 120.0, 40.0, 30.0]
+
+
+def test_ctrl_c_during_training_stops_demo_and_camera_experiment_before_scoring(tmp_path, monkeypatch, capsys):
+    """A training run stopped by Ctrl-C (saved, `stopped == "preempted"`) ends `spd demo` and the camera
+    experiment in one line and exit 130: nothing is scored or written from a half-trained model."""
+    import spd.camera_experiment as experiment
+    import spd.demo as demo
+
+    preempted = lambda *args, **kwargs: {"stopped": "preempted"}  # noqa: E731
+    monkeypatch.setattr(demo, "train", preempted)
+    monkeypatch.setattr(experiment, "train", preempted)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--n-train", "2", "--n-test", "1", "--size", "32x32"]) == 130
+    assert not (tmp_path / "demo" / "metrics.json").exists()
+    assert experiment.main(["--out", str(tmp_path / "camera"), "--n-train", "2", "--n-test", "1"]) == 130
+    assert not (tmp_path / "camera" / "camera_experiment.json").exists()
+    lines = capsys.readouterr().err.splitlines()
+    assert "spd demo: interrupted" in lines and lines[-1] == "python -m spd.camera_experiment: interrupted"

@@ -14,20 +14,22 @@ rooms are then rendered again through a lens of `--zoom` x the focal length (sam
   - the other camera's, without intrinsics (the canonical camera assumed: predictions as they are).
 
 `scale` is exp(mean log(predicted / true)) over the points: the focal ratio shows there as 1 / zoom.
-Writes OUT/camera_experiment.json and prints a table. Data and finished runs already under OUT are
-reused (OUT/data, OUT/run_plain, OUT/run_zoom_augmented).
+Writes OUT/camera_experiment.json and prints a table. Data and runs already under OUT are reused
+(OUT/data; OUT/run_plain and OUT/run_zoom_augmented are resumed, so an interrupted call continues).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 import yaml
 
 from spd.camera import canonical_focal_of, prediction_to_metric
+from spd.cli import run_reporting_errors
 from spd.data.described import DescribedDepth
 from spd.data.synthetic import generate, nyu_camera
 from spd.engine.evaluate import evaluate
@@ -74,12 +76,12 @@ def other_camera_test_set(out: Path, n_test: int, zoom: float, seed: int) -> Pat
 
 def train_model(data: Path, run: Path, zoom: float, seed: int) -> Path:
     """`v15_tiny_synth` on `data` with `data.zoom = zoom`; returns the final weights' folder. A run
-    that finished before (its `checkpoints/last` exists) is reused: delete it to train again."""
-    if (run / "checkpoints" / "last" / "model.safetensors").is_file():
-        return run / "checkpoints" / "last"
+    already in `run` is resumed (one that finished only re-validates): delete it to train again."""
     cfg = load_config("v15_tiny_synth")
     cfg.seed, cfg.data.zoom = seed, zoom
-    train(cfg, data, run, overwrite=True)
+    resume = (run / "checkpoints" / "last").is_dir()
+    if train(cfg, data, run, resume=resume)["stopped"] == "preempted":
+        raise KeyboardInterrupt  # Ctrl-C during training (saved; the next call resumes it): score nothing half-trained
     return run / "checkpoints" / "last"
 
 
@@ -129,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--n-train and --n-test must be positive")
     if not (args.zoom > 0 and args.zoom == args.zoom) or not args.train_zoom >= 1:  # also refuses NaN
         parser.error("--zoom must be > 0 and --train-zoom >= 1")
-    result = run(args.out, args.n_train, args.n_test, args.zoom, args.train_zoom, args.seed)
-    print(table(result))
-    print(f"written: {args.out / 'camera_experiment.json'}")
-    return 0
+    def experiment() -> int:
+        result = run(args.out, args.n_train, args.n_test, args.zoom, args.train_zoom, args.seed)
+        print(table(result))
+        print(f"written: {args.out / 'camera_experiment.json'}")
+        return 0
+
+    return run_reporting_errors(parser.prog, experiment, os.environ.get("SPD_DEBUG") == "1")
 
 
 if __name__ == "__main__":

@@ -594,18 +594,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("SPD_DEBUG") == "1"
     command = args.command + (f" {args.data_command}" if getattr(args, "data_command", None) else "")
+    return run_reporting_errors(f"spd {command}", lambda: args.func(args), debug)
+
+
+def run_reporting_errors(name: str, func, debug: bool = False) -> int:
+    """`func()`'s exit code; the project's errors end in one line `<name>: error: <message>` and their
+    exit code, Ctrl-C in `<name>: interrupted` and 130. A bug keeps its traceback."""
     try:
-        return args.func(args)
+        return func()
     except SPDError as err:
         if debug:
             raise
         message = " ".join(str(err).split())  # one line, whatever the exception held
-        print(f"spd {command}: error: {message}", file=sys.stderr)
+        print(f"{name}: error: {message}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # Ctrl-C: files are written atomically, so what finished is kept whole
         if debug:
             raise
-        print(f"spd {command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -54,7 +54,8 @@ def run_demo(
         cfg.max_steps = max_steps
     run_dir = out / "run"
     start = time.perf_counter()
-    train(cfg, data, run_dir, overwrite=True)  # the demo rebuilds its whole folder
+    if train(cfg, data, run_dir, overwrite=True)["stopped"] == "preempted":  # the demo rebuilds its whole folder
+        raise KeyboardInterrupt  # Ctrl-C during training (saved in run/): evaluate nothing half-trained
     timings["train_s"] = time.perf_counter() - start
 
     # The final weights (checkpoints/last), not the best-on-test ones: no selection on the test set.

@@ -176,7 +176,9 @@ def test_ablation_flags_build_and_run(overrides):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_folded_encoder_matches_timm_forward(batch):
-    """The eval-mode fast path (GRN folded into fc2) against timm's own forward."""
+    """The eval-mode fast path (GRN folded into fc2) against timm's own forward. At 96x64 the atto
+    model's first two stages fold GRN into fc2's weight and the last two (fewer positions than
+    channels) scale the activation: both branches; the fast path runs channels-last."""
     from spd.models.encoder import Encoder
 
     torch.manual_seed(0)

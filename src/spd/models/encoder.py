@@ -38,7 +38,7 @@ def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tens
     x = block.conv_dw(x).permute(0, 2, 3, 1)
     with _low_precision_norm(x):
         x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    x = mlp.act(F.linear(x, mlp.fc1.weight.flatten(1), mlp.fc1.bias))  # (B, H, W, 4C)
+    x = _activation_in_place(mlp.act, F.linear(x, mlp.fc1.weight.flatten(1), mlp.fc1.bias))  # (B, H, W, 4C)
     spatial_norm = (x * x).sum((1, 2)).sqrt()  # (B, 4C): GRN's ||x||_2 over space
     normalised = spatial_norm / (spatial_norm.mean(-1, keepdim=True) + mlp.grn.eps)
     scale = 1.0 + mlp.grn.weight * normalised  # (B, 4C)
@@ -53,6 +53,14 @@ def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tens
     if block.gamma is not None:
         x = x.mul(block.gamma.reshape(1, -1, 1, 1))
     return x + shortcut
+
+
+def _activation_in_place(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(x), in place for the exact GELU (ConvNeXt V2's): no second (B, H, W, 4C) tensor, the
+    largest of the network, to allocate and fault in."""
+    if isinstance(act, (nn.GELU, timm.layers.GELU)) and getattr(act, "approximate", "none") == "none":
+        return torch.ops.aten.gelu_(x)
+    return act(x)
 
 
 def _fc2_with_grn_folded(x: torch.Tensor, scale: torch.Tensor, mlp: GlobalResponseNormMlp) -> torch.Tensor:

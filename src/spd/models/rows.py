@@ -196,7 +196,7 @@ def bag_sum(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, star
         weights = weights.to(table.dtype)
     if _export_ops:
         bags = starts.shape[0]
-        gathered = table[rows].view(bags, -1, table.shape[1])  # (N, J, C)
+        gathered = table.index_select(0, rows).view(bags, -1, table.shape[1])  # (N, J, C)
         return torch.bmm(weights.view(bags, 1, -1), gathered).view(bags, -1)  # no (N, J, C) product
     return torch.embedding_bag(table, rows, starts, False, 0, False, weights)[0]  # mode 0 = sum
 

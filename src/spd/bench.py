@@ -88,8 +88,7 @@ class BenchSetup:
     base_encode: object
 
 
-def build_setup(height: int, width: int, ks: tuple[int, ...], device: str, compile: bool, baseline_input: str,
-                channels_last: bool) -> BenchSetup:
+def build_setup(height: int, width: int, ks: tuple[int, ...], device: str, compile: bool, baseline_input: str) -> BenchSetup:
     dev = torch.device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -97,9 +96,6 @@ def build_setup(height: int, width: int, ks: tuple[int, ...], device: str, compi
         spd_model = build_model("v15", warn_random_encoder=False).to(dev).eval()
         baseline = DepthAnythingBaseline(input_mode=baseline_input).to(dev).eval()
     image = torch.randn(1, 3, height, width, device=dev)
-    if channels_last:
-        spd_model.encoder.to(memory_format=torch.channels_last)
-        image = image.contiguous(memory_format=torch.channels_last)
     scale = torch.tensor([width - 1.0, height - 1.0])
     queries = {k: (torch.rand(1, k, 2, generator=torch.Generator().manual_seed(k)) * scale).to(dev) for k in ks}
     encode, base_encode = spd_model.encode, baseline.encode
@@ -225,7 +221,6 @@ def run_bench(
     compile: bool = False,
     repeat: int = 7,
     baseline_input: str = "fair",
-    channels_last: bool = False,
     compile_decode_ks: tuple[int, ...] = (),
     train_step: bool = True,
     onnx: bool = False,
@@ -233,7 +228,7 @@ def run_bench(
     """Every figure of `spd bench`. The first dtype gives the main rows; each further dtype (bf16)
     its own rows and its total-time ratio to the first, measured in the same run in alternation
     (`paired_total_ratio`)."""
-    built = build_setup(height, width, ks, device, compile, baseline_input, channels_last)
+    built = build_setup(height, width, ks, device, compile, baseline_input)
     s = setup_for_dtype(built, dtypes[0], compile)
     dev, primary = s.device, dtypes[0]
     if dev.type == "cuda":
@@ -267,11 +262,11 @@ def run_bench(
                                       torch.get_num_threads())
     if train_step:
         result["training_step"] = {dtype: training_step_section(device, dtype) for dtype in dtypes}
-    _add_run_facts(result, s, ks, dtypes, compile, repeat, height, width, channels_last)
+    _add_run_facts(result, s, ks, dtypes, compile, repeat, height, width)
     return result
 
 
-def _add_run_facts(result: dict, s: BenchSetup, ks, dtypes, compile, repeat, height, width, channels_last) -> None:
+def _add_run_facts(result: dict, s: BenchSetup, ks, dtypes, compile, repeat, height, width) -> None:
     dev = s.device
     slower = [k for k in ks if result["ratio_total"][str(k)] >= 1.0]
     result["break_even_k"] = slower[0] if slower else None
@@ -282,7 +277,7 @@ def _add_run_facts(result: dict, s: BenchSetup, ks, dtypes, compile, repeat, hei
     result.update(
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtypes[0], dtypes=list(dtypes), compile=compile,
-        height=height, width=width, repeat=repeat, channels_last=channels_last,
+        height=height, width=width, repeat=repeat,
     )
 
 

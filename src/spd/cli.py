@@ -399,7 +399,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     ks, compile_ks = args.k, args.compile_decode or ()
     result = run_bench(args.height, args.width, ks, args.device, tuple(args.dtype.split(",")), args.compile, args.repeat,
-                       args.baseline_input, args.channels_last, compile_ks, not args.no_train_step, args.backend == "onnx")
+                       args.baseline_input, compile_ks, not args.no_train_step, args.backend == "onnx")
     print(format_bench(result))
     if args.json:
         write_json(result, args.json)
@@ -550,7 +550,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time SPD's decode compiled (fullgraph, one static graph per K; CUDA graphs on CUDA) at these K")
     p.add_argument("--no-train-step", action="store_true",
                    help="skip the training-step section (416x544, K=256: seconds and activation bytes per image)")
-    p.add_argument("--channels-last", action="store_true", help="run the SPD encoder in channels-last memory format")
     p.add_argument("--repeat", type=_positive_int, default=7, help="timed runs per figure; the median is reported (default 7)")
     p.add_argument("--baseline-input", choices=["fair", "official"], default="fair",
                    help="fair: 476x644 for 480x640 (same pixel count); official: short side 518")

@@ -198,6 +198,19 @@ def test_folded_encoder_matches_timm_forward(batch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
+def test_sliced_sum_of_squares_equals_one_pass():
+    """GRN's spatial sum of squares over slices of positions (the CPU fast path) = one pass."""
+    from spd.models.encoder import _spatial_sum_of_squares
+
+    x = torch.randn(2, 5, 6, 8)
+    sliced = _spatial_sum_of_squares(x, rows_per_slice=7)  # 30 positions: slices of 7, 7, 7, 7, 2
+    torch.testing.assert_close(sliced, (x * x).sum((1, 2)), rtol=1e-6, atol=0)
+    assert sliced.dtype == torch.float32
+    low = _spatial_sum_of_squares(x.bfloat16(), rows_per_slice=7)
+    assert low.dtype == torch.float32  # each slice rounded to bf16 once, summed in fp32
+    torch.testing.assert_close(low, (x * x).sum((1, 2)), rtol=2e-2, atol=0)
+
+
 def test_bf16_layer_norm_outside_autocast_gives_autocasts_numbers(monkeypatch):
     """Under bf16 autocast the folded blocks run LayerNorm on the bf16 conv output directly (no fp32
     round trip): bit-identical features to letting autocast run it in fp32 and cast for fc1."""

@@ -80,3 +80,22 @@ def test_bench_smoke(tmp_path):
     fast = result["fast_paths"]  # each exact fast path timed on and off
     assert all(fast[k] > 0 for k in ("encoder_fast_ms", "encoder_reference_ms", "decoder_fast_ms", "decoder_reference_ms"))
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_baseline_linears_through_onednn_equal_the_plain_forward(baseline):
+    """At inference on CPU the baseline's linear layers run through oneDNN, as SPD's encoder's do
+    (`spd.models.onednn`): the same dense map as transformers' plain forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from spd.models.onednn import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear kernel")
+    torch.manual_seed(1)
+    images = torch.randn(1, 3, 56, 84)
+    with torch.inference_mode():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fast = baseline.encode(images).depth
+        plain = baseline.encode(images, fast_linears=False).depth
+    assert any(event.name == "mkldnn::_linear_pointwise" for event in prof.events())
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))

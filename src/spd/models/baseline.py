@@ -13,7 +13,7 @@ the input size before sampling.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +25,7 @@ from torch import nn
 from spd.data.io import NYU_FOCAL
 from spd.geometry.coords import pixel_to_grid
 from spd.geometry.validation import validate_queries
+from spd.models.onednn import OneDNNLinears, takes_onednn
 from spd.models.splat import sample_at
 from spd.models.optim_groups import encoder_decoder_param_groups
 
@@ -104,11 +105,15 @@ class DepthAnythingBaseline(nn.Module):
         if fusion is not None and hasattr(fusion.layers[0], "residual_layer1"):
             fusion.layers[0].residual_layer1.requires_grad_(False)
 
-    def encode(self, images: torch.Tensor) -> DenseDepth:
+    def encode(self, images: torch.Tensor, fast_linears: bool = True) -> DenseDepth:
+        """`fast_linears` (inference on CPU only, see `spd.models.onednn`) runs the network's linear
+        layers through oneDNN, as SPD's encoder runs its own: same numbers, the same GEMM kernels in
+        both models of a comparison; False is the plain transformers forward."""
         height, width = images.shape[-2:]
         size = baseline_input_size(height, width, self.input_mode)
         resized = F.interpolate(images, size=size, mode="bilinear", align_corners=False) if size != (height, width) else images
-        depth = self.net(pixel_values=resized).predicted_depth.unsqueeze(1)  # (B, 1, h, w)
+        with OneDNNLinears() if fast_linears and takes_onednn(resized) else nullcontext():
+            depth = self.net(pixel_values=resized).predicted_depth.unsqueeze(1)  # (B, 1, h, w)
         if depth.shape[-2:] != (height, width):
             depth = F.interpolate(depth, size=(height, width), mode="bilinear", align_corners=False)
         return DenseDepth(depth, (height, width))

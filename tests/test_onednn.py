@@ -1,0 +1,100 @@
+"""Linear layers through oneDNN at inference (`spd.models.onednn`, issue 13): the same numbers as
+`F.linear`, taken only where they may be, counted by the FLOP counter, routed for the baseline."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from spd.models.onednn import OneDNNLinears, linear, onednn_available, takes_onednn
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear kernel")
+
+KERNEL = "mkldnn::_linear_pointwise"
+
+
+def ran_onednn(fn) -> tuple[torch.Tensor, bool]:
+    """fn()'s result, and whether oneDNN's linear kernel ran inside it."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, any(event.name == KERNEL for event in prof.events())
+
+
+def reference(x, weight, bias, gelu):
+    out = F.linear(x, weight, bias)
+    return F.gelu(out) if gelu else out
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_linear_equals_f_linear_and_runs_onednn(gelu, with_bias):
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 9, 7, 48), torch.randn(96, 48) / 48**0.5
+    bias = torch.randn(96) if with_bias else None
+    with torch.inference_mode():
+        assert takes_onednn(x)
+        out, onednn = ran_onednn(lambda: linear(x, weight, bias, gelu=gelu))
+        expected = reference(x, weight, bias, gelu)
+    assert onednn
+    assert out.shape == (2, 9, 7, 96) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_bf16_autocast_linear_is_autocasts_linear():
+    """Under bf16 autocast the operands are cast as autocast casts them (fp32 weight and bias too):
+    a bf16 result within bf16 rounding of autocast's own `F.linear` (the GELU fused in fp32 is, if
+    anything, closer to the fp32 value)."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(300, 64), torch.randn(128, 64) / 8, torch.randn(128)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, onednn = ran_onednn(lambda: linear(x, weight, bias, gelu=True))
+        expected = reference(x, weight, bias, gelu=True)
+    assert onednn and out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_autograd_and_other_dtypes_take_f_linear():
+    """oneDNN's kernel has no backward: under autograd `linear` is `F.linear` and trains."""
+    x, weight = torch.randn(5, 8), torch.randn(4, 8, requires_grad=True)
+    assert not takes_onednn(x)  # grad mode is on
+    out, onednn = ran_onednn(lambda: linear(x, weight, gelu=True))
+    assert not onednn
+    out.sum().backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    with torch.inference_mode():
+        assert not takes_onednn(x.double())
+        torch.testing.assert_close(linear(x.double(), weight.double()), F.linear(x.double(), weight.double()))
+
+
+def test_compiled_linear_traces_f_linear_in_one_graph():
+    """Under torch.compile (and torch.export) the graph's own kernels decide: one graph, same numbers."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(16, 32), torch.randn(24, 32), torch.randn(24)
+    compiled = torch.compile(lambda a: linear(a, weight, bias, gelu=True), fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), reference(x, weight, bias, True), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_linears_routes_nn_linear_layers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        expected = net(x)
+
+        def routed():
+            with OneDNNLinears():
+                return net(x)
+
+        out, onednn = ran_onednn(routed)
+    assert onednn
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_flop_counter_counts_the_onednn_kernel_as_a_matmul():
+    x, weight = torch.randn(2, 10, 32), torch.randn(24, 32)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        linear(x, weight, gelu=True)
+    assert counter.get_total_flops() == 2 * 20 * 32 * 24

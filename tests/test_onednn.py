@@ -98,3 +98,30 @@ def test_flop_counter_counts_the_onednn_kernel_as_a_matmul():
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         linear(x, weight, gelu=True)
     assert counter.get_total_flops() == 2 * 20 * 32 * 24
+
+
+def test_feed_forward_fused_gelu_equals_its_layers_in_sequence():
+    from spd.models.feedforward import FeedForward
+
+    torch.manual_seed(0)
+    ffn, x = FeedForward(16, 64).eval(), torch.randn(2, 5, 16)
+    expand, act, contract = ffn
+    with torch.inference_mode():
+        torch.testing.assert_close(ffn(x), contract(act(expand(x))), rtol=1e-5, atol=1e-6)
+    x.requires_grad_(True)
+    ffn(x).sum().backward()  # training: F.linear and an out-of-place GELU
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_model_decodes_the_same_through_onednn_as_through_f_linear(tiny_model):
+    """The whole model on its reference paths: inference (oneDNN linears) = autograd on (F.linear)."""
+    from conftest import random_queries
+    from spd.models.paths import InferencePaths
+
+    torch.manual_seed(0)
+    images, queries = torch.randn(1, 3, 64, 96), random_queries(1, 40, 64, 96)
+    reference = InferencePaths.reference()
+    with torch.no_grad():
+        through_onednn = tiny_model(images, queries, paths=reference)
+    through_f_linear = tiny_model(images, queries, paths=reference).detach()  # grad mode on
+    torch.testing.assert_close(through_onednn, through_f_linear, rtol=1e-5, atol=1e-6)

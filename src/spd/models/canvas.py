@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd.models.onednn import Linear
 from spd.models.rows import QueryRows, add_rows, bag_sum
 from spd.models.splat import SplatPlan, sample_at
 
@@ -32,14 +33,14 @@ class CanvasSublayer(nn.Module):
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
-        self.write = nn.Linear(d_model, d_model)
+        self.write = Linear(d_model, d_model)
         self.gate_l4_to_l3_fine = depthwise3x3(d_model)
         self.gate_l4_to_l3_coarse = depthwise3x3(d_model)
         self.gate_l3_to_l2_fine = depthwise3x3(d_model)
         self.gate_l3_to_l2_coarse = depthwise3x3(d_model)
         self.smooth = nn.ModuleList(depthwise3x3(d_model) for _ in range(3))
-        self.read_gate = nn.Linear(d_model, 3)
-        self.read = nn.Linear(3 * d_model, d_model)
+        self.read_gate = Linear(d_model, 3)
+        self.read = Linear(3 * d_model, d_model)
 
     def forward(
         self, h: torch.Tensor, grid: torch.Tensor, plans: list[SplatPlan], canvas: list[torch.Tensor]

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd.models.onednn import Linear
+
 KeyValues = tuple[torch.Tensor, torch.Tensor]  # keys, values: each (B, heads, N_L4, d_head)
 
 
@@ -23,8 +25,8 @@ class GlobalKeyValues(nn.Module):
     def __init__(self, l4_dim: int, d_model: int, n_heads: int, n_layers: int) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.global_k = nn.ModuleList(nn.Linear(l4_dim, d_model) for _ in range(n_layers))
-        self.global_v = nn.ModuleList(nn.Linear(l4_dim, d_model) for _ in range(n_layers))
+        self.global_k = nn.ModuleList(Linear(l4_dim, d_model) for _ in range(n_layers))
+        self.global_v = nn.ModuleList(Linear(l4_dim, d_model) for _ in range(n_layers))
 
     def forward(self, l4: torch.Tensor) -> list[KeyValues]:
         tokens = l4.flatten(2).transpose(1, 2)  # (B, N_L4, C4)
@@ -46,8 +48,8 @@ class GlobalCrossAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.query_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.query_proj = Linear(d_model, d_model)
+        self.output_proj = Linear(d_model, d_model)
 
     def forward(self, h: torch.Tensor, grid: torch.Tensor, memory: KeyValues) -> torch.Tensor:
         return self.forward_rows(h, None, memory)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd.models.onednn import Linear
+
 
 def exp_fp32(log_depth: torch.Tensor) -> torch.Tensor:
     """exp of a log-depth in fp32, whatever autocast made of it: bf16 keeps 8 bits of mantissa, so
@@ -27,7 +29,7 @@ class DepthHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int, init_depth: float = 2.5) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(Linear(in_dim, hidden), nn.GELU(), Linear(hidden, 1))
         self.log_scale = nn.Parameter(torch.zeros(()))
         nn.init.constant_(self.mlp[-1].bias, math.log(init_depth))
 
@@ -63,8 +65,8 @@ class PatchDenseHead(nn.Module):
 
     def __init__(self, d_model: int, local_dim: int) -> None:
         super().__init__()
-        self.from_query = nn.Linear(d_model, 1)
-        self.from_patch = nn.Linear(local_dim, 1, bias=False)
+        self.from_query = Linear(d_model, 1)
+        self.from_patch = Linear(local_dim, 1, bias=False)
 
     def forward(self, h: torch.Tensor, feat_patch: torch.Tensor) -> torch.Tensor:
         patch_term = torch.einsum("bkdyx,d->bkyx", feat_patch, self.from_patch.weight[0])

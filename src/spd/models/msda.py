@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spd.models.onednn import Linear
 from spd.models.precision import keep_fp32
 from spd.models.rows import LevelIndex, QueryRows, bag_sum, corner_rows
 
@@ -58,17 +59,17 @@ class MSDeformableAttention(nn.Module):
         self.d_model, self.n_heads, self.n_points = d_model, n_heads, n_points
         self.n_levels = len(level_dims)
         self.value_proj_order = value_proj_order
-        self.sampling_offsets = nn.Linear(d_model, n_heads * self.n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * self.n_levels * n_points)
+        self.sampling_offsets = Linear(d_model, n_heads * self.n_levels * n_points * 2)
+        self.attention_weights = Linear(d_model, n_heads * self.n_levels * n_points)
         keep_fp32(self.sampling_offsets, self.attention_weights)  # they run with autocast off
         self.value_proj = nn.ModuleList(
-            nn.Linear(dim, d_model, bias=False) if level in projected_levels else nn.Identity()
+            Linear(dim, d_model, bias=False) if level in projected_levels else nn.Identity()
             for level, dim in enumerate(level_dims)
         )
         for level, dim in enumerate(level_dims):
             if level not in projected_levels and dim != d_model:
                 raise ValueError(f"level {level} has {dim} channels; an identity value map needs {d_model}")
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.output_proj = Linear(d_model, d_model)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from spd.models.onednn import Linear
 from spd.models.rows import QueryRows, bag_sum
 from spd.models.splat import sample_at
 
@@ -33,7 +34,7 @@ class QuerySeed(nn.Module):
     def __init__(self, d_model: int, num_freqs: int) -> None:
         super().__init__()
         self.num_freqs = num_freqs
-        self.proj = nn.Linear(4 * d_model + 4 * num_freqs, d_model)  # 800 -> 192
+        self.proj = Linear(4 * d_model + 4 * num_freqs, d_model)  # 800 -> 192
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, maps: list[torch.Tensor], grid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

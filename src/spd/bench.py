@@ -21,6 +21,8 @@ from spd.bench_train import median_ms, sync_device, training_step_section
 from spd.errors import UserInputError
 from spd.build import build_model
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
+from spd.models.onednn import linear as onednn_linear
+from spd.models.onednn import onednn_available
 from spd.models.precision import low_precision_copy
 
 
@@ -49,7 +51,25 @@ def measure_fast_paths(model, image: torch.Tensor, queries: torch.Tensor, k: int
         out[f"encoder_{label}_ms"] = median_ms(lambda: model.encode(image, encode_paths), max(3, repeat // 2), device)
         decode = lambda: model.decode(features, queries, paths=decode_paths, check_values=False)  # noqa: E731
         out[f"decoder_{label}_ms"] = median_ms(decode, repeat, device)
+    if device.type == "cpu" and onednn_available():
+        out["linear_fp32_gmacs"] = linear_kernel_rates(model.encoder.channels[0], image.shape[-2:], repeat)
     return out
+
+
+def linear_kernel_rates(channels: int, image_size, repeat: int) -> dict:
+    """GMAC/s of the encoder's first MLP layer ((H/4 * W/4, C) @ (C, 4C), fp32) through `F.linear`
+    (MKL's sgemm on x86 builds) and through oneDNN (`spd.models.onednn`): why the linears go there."""
+    rows = (image_size[0] // 4) * (image_size[1] // 4)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, channels, generator=generator)
+    weight, bias = torch.randn(4 * channels, channels, generator=generator), torch.zeros(4 * channels)
+    macs = rows * channels * 4 * channels
+    with torch.autocast("cpu", enabled=False):
+        times = {
+            "f_linear": median_ms(lambda: torch.nn.functional.linear(x, weight, bias), repeat, torch.device("cpu")),
+            "onednn": median_ms(lambda: onednn_linear(x, weight, bias), repeat, torch.device("cpu")),
+        }
+    return {"shape": [rows, channels, 4 * channels], **{name: macs / ms / 1e6 for name, ms in times.items()}}
 
 
 def count_macs(fn) -> int:
@@ -313,6 +333,11 @@ def format_bench(result: dict) -> str:
             f"fast paths: encode {fast['encoder_fast_ms']:.1f} ms folded vs {fast['encoder_reference_ms']:.1f} ms timm forward; "
             f"decode(K={fast['k']}) {fast['decoder_fast_ms']:.1f} ms vs {fast['decoder_reference_ms']:.1f} ms reference paths"
         )
+    rates = fast.get("linear_fp32_gmacs")
+    if rates:
+        rows, width, hidden = rates["shape"]
+        lines.append(f"fp32 linear ({rows} x {width} -> {hidden}, the encoder's first MLP layer): F.linear "
+                     f"{rates['f_linear']:.0f} GMAC/s, oneDNN {rates['onednn']:.0f} GMAC/s (SPD and DAv2-S use oneDNN)")
     lines += _format_extras(result)
     if "onnx" in result:
         from spd.export.bench_onnx import format_onnx

@@ -170,7 +170,7 @@ def macs_summary(s: BenchSetup, ks: tuple[int, ...], k_ref: int) -> tuple[dict, 
 
 
 def decode_ops_and_syncs(s: BenchSetup, k: int) -> tuple[int, int]:
-    """Top-level ATen ops one decode(K) call issues (each is at least one kernel launch on a GPU) and
+    """Top-level ops (ATen's and oneDNN's) one decode(K) call issues (each is at least one kernel launch on a GPU) and
     its blocking host syncs (`_local_scalar_dense`, what `.item()`, `bool(tensor)` and `.tolist()` run),
     counted with torch.profiler on a warm call."""
     from torch.profiler import ProfilerActivity, profile
@@ -180,8 +180,12 @@ def decode_ops_and_syncs(s: BenchSetup, k: int) -> tuple[int, int]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         s.decode(features, s.queries[k])
     events = prof.events()
-    def top_level(event) -> bool:  # an ATen op called from Python, not from inside another op
-        return event.name.startswith("aten::") and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+
+    def is_op(event) -> bool:  # a dispatcher op: aten::add, mkldnn::_linear_pointwise, ...
+        return "::" in event.name
+
+    def top_level(event) -> bool:  # an op called from Python, not from inside another op
+        return is_op(event) and (event.cpu_parent is None or not is_op(event.cpu_parent))
 
     ops = sum(1 for e in events if top_level(e))
     return ops, sum(1 for e in events if e.name == "aten::_local_scalar_dense")
@@ -349,7 +353,7 @@ def format_bench(result: dict) -> str:
 
 def _format_extras(result: dict) -> list[str]:
     """The decoder's op count and syncs, compiled decode, further dtypes, the training step."""
-    lines = [f"decode(K={k_ref_label(result)}): {result['decode_ops']} top-level ATen ops, "
+    lines = [f"decode(K={k_ref_label(result)}): {result['decode_ops']} top-level ops, "
              f"{result['decode_host_syncs']} host syncs per call"]
     compiled = result["spd"].get("decode_compiled_ms")
     if compiled:
@@ -358,7 +362,7 @@ def _format_extras(result: dict) -> list[str]:
         rows, ratio = result[dtype], result[f"{dtype}_over_{result['dtype']}_total"]
         lines.append(f"{dtype}: SPD encode {rows['spd']['encode_ms']:.1f} ms, "
                      f"baseline total {rows['baseline']['total_ms']:.1f} ms, decode(K={k_ref_label(result)}) "
-                     f"{rows['decode_ops']} top-level ATen ops, {rows['decode_host_syncs']} host syncs")
+                     f"{rows['decode_ops']} top-level ops, {rows['decode_host_syncs']} host syncs")
         for k in rows["spd"]["total_ms"]:
             lines.append(f"  K={k:>5}: decode {rows['spd']['decode_ms'][k]:.1f} ms, total {rows['spd']['total_ms'][k]:.1f} ms, "
                          f"SPD/base {rows['ratio_total'][k]:.2f}, {dtype}/{result['dtype']} total {ratio[k]:.2f}")

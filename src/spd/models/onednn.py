@@ -63,10 +63,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return out
         return F.gelu(out) if torch.is_grad_enabled() else torch.ops.aten.gelu_(out)
     dtype = _compute_dtype(x)
-    bias = None if bias is None else bias.to(dtype)
+    x, weight, bias = (_as(t, dtype) for t in (x, weight, bias))
     if gelu:
-        return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight.to(dtype), bias, "gelu", [], "none")
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight.to(dtype), bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """tensor in dtype, with no op at all when it already is (a no-op `.to` still costs a dispatch)."""
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 class Linear(nn.Linear):

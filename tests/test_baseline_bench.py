@@ -1,6 +1,8 @@
 """The Depth Anything V2-S baseline and `spd bench` (issue 6)."""
 
 import json
+import os
+import platform
 import subprocess
 import sys
 
@@ -76,9 +78,13 @@ def test_bench_smoke(tmp_path):
     assert result["decode_host_syncs"] == 0
     assert 50 < result["decode_ops"] < 5000
     assert {"device", "torch", "threads"} <= set(result)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert result["allocator"]["malloc"] == ("glibc, tuned" if glibc else "default")  # the `spd` command tunes it
     assert set(result["ratio_decode_encode"]) == {"1", "16"}
     fast = result["fast_paths"]  # each exact fast path timed on and off
     assert all(fast[k] > 0 for k in ("encoder_fast_ms", "encoder_reference_ms", "decoder_fast_ms", "decoder_reference_ms"))
+    rates = fast.get("linear_fp32_gmacs")  # F.linear's and oneDNN's fp32 GEMM rates, side by side
+    assert rates is None or (rates["shape"] == [16 * 24, 96, 384] and rates["f_linear"] > 0 and rates["onednn"] > 0)
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
@@ -99,3 +105,17 @@ def test_baseline_linears_through_onednn_equal_the_plain_forward(baseline):
         plain = baseline.encode(images, fast_linears=False).depth
     assert any(event.name == "mkldnn::_linear_pointwise" for event in prof.events())
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
+
+
+@pytest.mark.parametrize("setting", ["tuned", "default"])
+def test_tune_cpu_allocator_applies_on_glibc_unless_told_not_to(setting):
+    """`spd.tune_cpu_allocator()` sets glibc's malloc thresholds (in a child process: it is process-wide);
+    SPD_MALLOC=default leaves them."""
+    if not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("glibc only")
+    env = {k: v for k, v in os.environ.items() if k != "SPD_MALLOC"}
+    if setting == "default":
+        env["SPD_MALLOC"] = "default"
+    code = "import spd, spd.allocator as a; print(spd.tune_cpu_allocator(), a.allocator_setting()['malloc'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout.split()
+    assert out == (["True", "glibc,", "tuned"] if setting == "tuned" else ["False", "default"])

@@ -8,6 +8,7 @@
     depth_m = p.predict("image.jpg", [[320, 240]])
 """
 
+from spd.allocator import tune_cpu_allocator
 from spd.build import build_model
 from spd.config import ModelConfig, preset_config
 from spd.hub import CheckpointError, load_model, save_model
@@ -17,7 +18,7 @@ from spd.predictor import Predictor
 
 __all__ = [
     "ModelConfig", "preset_config", "SPD", "EncodedFeatures", "build_model", "load_model", "save_model",
-    "CheckpointError", "Predictor", "InferencePaths", "OnnxPredictor",
+    "CheckpointError", "Predictor", "InferencePaths", "OnnxPredictor", "tune_cpu_allocator",
 ]
 
 

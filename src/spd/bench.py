@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from spd.allocator import allocator_setting
 from spd.bench_train import median_ms, sync_device, training_step_section
 from spd.errors import UserInputError
 from spd.build import build_model
@@ -301,7 +302,7 @@ def _add_run_facts(result: dict, s: BenchSetup, ks, dtypes, compile, repeat, hei
     result.update(
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtypes[0], dtypes=list(dtypes), compile=compile,
-        height=height, width=width, repeat=repeat,
+        height=height, width=width, repeat=repeat, allocator=allocator_setting(),
     )
 
 
@@ -309,7 +310,8 @@ def format_bench(result: dict) -> str:
     spd, base = result["spd"], result["baseline"]
     lines = [
         f"device {result['device']}, torch {result['torch']}, {result['threads']} threads, {result['dtype']}, "
-        f"{'compiled' if result['compile'] else 'eager'}, {result['height']}x{result['width']}, median of {result['repeat']}",
+        f"{'compiled' if result['compile'] else 'eager'}, {result['height']}x{result['width']}, median of {result['repeat']}, "
+        f"malloc {result.get('allocator', {}).get('malloc', 'default')}",
         f"SPD encode {spd['encode_ms']:.1f} ms ({result['macs']['encode'] / 1e9:.2f} GMACs); "
         f"baseline DAv2-S total {base['total_ms']:.1f} ms at {base['input_size'][0]}x{base['input_size'][1]} "
         f"({result['macs']['baseline'] / 1e9:.2f} GMACs)",

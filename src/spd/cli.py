@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+from spd.allocator import tune_cpu_allocator
 from spd.errors import SPDError, UserInputError
 
 
@@ -591,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     end in one line `spd <command>: error: <message>` and their exit code (`spd.errors`); a bug keeps
     its traceback. `--debug` or SPD_DEBUG=1 shows the traceback of the project's errors too."""
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()  # freed memory kept for the next call (spd.allocator; SPD_MALLOC=default skips)
     debug = args.debug or os.environ.get("SPD_DEBUG") == "1"
     command = args.command + (f" {args.data_command}" if getattr(args, "data_command", None) else "")
     return run_reporting_errors(f"spd {command}", lambda: args.func(args), debug)

@@ -58,17 +58,21 @@ def measure_fast_paths(model, image: torch.Tensor, queries: torch.Tensor, k: int
 
 
 def linear_kernel_rates(channels: int, image_size, repeat: int) -> dict:
-    """GMAC/s of the encoder's first MLP layer ((H/4 * W/4, C) @ (C, 4C), fp32) through `F.linear`
-    (MKL's sgemm on x86 builds) and through oneDNN (`spd.models.onednn`): why the linears go there."""
+    """GMAC/s of the encoder's first MLP layer ((H/4 * W/4, C) @ (C, 4C)) in fp32 through `F.linear`
+    (MKL's sgemm on x86 builds) and through oneDNN (`spd.models.onednn`: why the linears go there),
+    and in bf16 through oneDNN (what bf16 can gain at most on the matmuls)."""
     rows = (image_size[0] // 4) * (image_size[1] // 4)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, channels, generator=generator)
     weight, bias = torch.randn(4 * channels, channels, generator=generator), torch.zeros(4 * channels)
     macs = rows * channels * 4 * channels
+    low = [t.bfloat16() for t in (x, weight, bias)]
+    cpu = torch.device("cpu")
     with torch.autocast("cpu", enabled=False):
         times = {
-            "f_linear": median_ms(lambda: torch.nn.functional.linear(x, weight, bias), repeat, torch.device("cpu")),
-            "onednn": median_ms(lambda: onednn_linear(x, weight, bias), repeat, torch.device("cpu")),
+            "f_linear": median_ms(lambda: torch.nn.functional.linear(x, weight, bias), repeat, cpu),
+            "onednn": median_ms(lambda: onednn_linear(x, weight, bias), repeat, cpu),
+            "onednn_bf16": median_ms(lambda: onednn_linear(*low), repeat, cpu),
         }
     return {"shape": [rows, channels, 4 * channels], **{name: macs / ms / 1e6 for name, ms in times.items()}}
 
@@ -343,7 +347,8 @@ def format_bench(result: dict) -> str:
     if rates:
         rows, width, hidden = rates["shape"]
         lines.append(f"fp32 linear ({rows} x {width} -> {hidden}, the encoder's first MLP layer): F.linear "
-                     f"{rates['f_linear']:.0f} GMAC/s, oneDNN {rates['onednn']:.0f} GMAC/s (SPD and DAv2-S use oneDNN)")
+                     f"{rates['f_linear']:.0f} GMAC/s, oneDNN {rates['onednn']:.0f} GMAC/s (SPD and DAv2-S use oneDNN); "
+                     f"bf16 oneDNN {rates['onednn_bf16']:.0f} GMAC/s")
     lines += _format_extras(result)
     if "onnx" in result:
         from spd.export.bench_onnx import format_onnx

@@ -84,7 +84,9 @@ def test_bench_smoke(tmp_path):
     fast = result["fast_paths"]  # each exact fast path timed on and off
     assert all(fast[k] > 0 for k in ("encoder_fast_ms", "encoder_reference_ms", "decoder_fast_ms", "decoder_reference_ms"))
     rates = fast.get("linear_fp32_gmacs")  # F.linear's and oneDNN's fp32 GEMM rates, side by side
-    assert rates is None or (rates["shape"] == [16 * 24, 96, 384] and min(rates["f_linear"], rates["onednn"], rates["onednn_bf16"]) > 0)
+    if rates is not None:
+        assert rates["shape"] == [16 * 24, 96, 384]
+        assert min(rates["f_linear"], rates["onednn"], rates["onednn_bf16"]) > 0
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 

@@ -28,8 +28,8 @@ def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tens
     the activation is the smaller one, at fewer positions than channels, it is scaled instead). The
     spatial L2 norm is a sum of squares (several times faster on CPU than `linalg.vector_norm` over
     two non-innermost dims). Both linears go through `spd.models.onednn.linear` (oneDNN on CPU, with
-    fc1's GELU fused: twice MKL's fp32 speed on AMD CPUs). Same result up to float rounding (tests:
-    <= 1e-5 relative).
+    fc1's GELU fused: twice MKL's fp32 speed on the AMD CPU measured). Same result up to float
+    rounding (tests: <= 1e-5 relative).
 
     Shape: x (B, C, H, W) -> (B, C, H, W).
     """

@@ -21,6 +21,7 @@ from torch import nn
 
 from spd.config import check_ldrm_patch
 from spd.geometry.windows import gather_windows
+from spd.models.onednn import linear
 from spd.models.rows import LevelIndex
 
 L1_STRIDE = 4
@@ -126,7 +127,7 @@ class LocalRefinement(nn.Module):
         # The 1x1 residual as one (16N, C) matmul: a strided 4-D input would make F.linear broadcast
         # its weight into a batched matmul (a (4N, C, mid) copy of the weight under bf16 autocast).
         centre = up_14[:, 1:-1, 1:-1].reshape(n * 16, -1)
-        residual = F.linear(centre, self.conv_residual.weight.flatten(1), self.conv_residual.bias).view(n, 4, 4, -1)
+        residual = linear(centre, self.conv_residual.weight.flatten(1), self.conv_residual.bias).view(n, 4, 4, -1)
         feat_14 = feat_14.permute(0, 2, 3, 1) + residual  # (N, 4, 4, mid): feat_14[2c-1+s : 2c+3+s]
         start = ((f - 2 * s) * self.axis_code).sum(-1).long().view(-1)  # window start f+1-2s in {1, 2} per axis
         windows_28 = self.windows_28.index_select(0, start).to(feat_14.dtype)

@@ -133,7 +133,7 @@ class Encoder(nn.Module):
             random encoder and warns: fine for tests and the synthetic demo, never for NYU numbers.
     Shape:
         forward: images (B, 3, H, W) normalised, H and W multiples of 32; `folded` runs the blocks
-        through `convnextv2_block_folded` (exact in eval mode; 181 vs 388 ms fp32 at 480x640 on the 2-core CPU), otherwise
+        through `convnextv2_block_folded` (exact in eval mode; 195 vs 451 ms fp32 at 480x640 on the 2-core CPU), otherwise
         timm's own forward (stochastic depth, checkpointing) ->
         [(B, C1, H/4, W/4), (B, C2, H/8, W/8), (B, C3, H/16, W/16), (B, C4, H/32, W/32)].
     """

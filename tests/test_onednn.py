@@ -125,3 +125,9 @@ def test_model_decodes_the_same_through_onednn_as_through_f_linear(tiny_model):
         through_onednn = tiny_model(images, queries, paths=reference)
     through_f_linear = tiny_model(images, queries, paths=reference).detach()  # grad mode on
     torch.testing.assert_close(through_onednn, through_f_linear, rtol=1e-5, atol=1e-6)
+
+
+def test_mismatched_dtypes_outside_autocast_fail_as_f_linear_does():
+    x, weight = torch.randn(3, 8), torch.randn(4, 8).bfloat16()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="dtype"):
+        linear(x, weight)

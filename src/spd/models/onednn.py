@@ -30,7 +30,7 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def onednn_available() -> bool:
-    """Whether this PyTorch build has oneDNN's fused linear kernel (x86 / ARM builds do)."""
+    """Whether this PyTorch build has oneDNN's fused linear kernel (x86 builds do)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -54,10 +54,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)`, followed by the exact (erf) GELU when `gelu`.
 
     Through oneDNN (GELU fused into the matmul) when `takes_onednn(x)`, casting the operands as
-    autocast would; otherwise `F.linear` and the GELU (in place without autograd). Same numbers up to float rounding
-    (tests: <= 1e-5 relative in fp32). Shape: x (..., in), weight (out, in), bias (out,) -> (..., out).
+    autocast would; otherwise, or when the dtypes disagree outside autocast (F.linear's error then),
+    `F.linear` and the GELU (in place without autograd). Same numbers up to float rounding (tests:
+    <= 1e-5 relative in fp32). Shape: x (..., in), weight (out, in), bias (out,) -> (..., out).
     """
-    if not takes_onednn(x):
+    if not takes_onednn(x) or not _dtypes_agree(x, weight, bias):
         out = F.linear(x, weight, bias)
         if not gelu:
             return out
@@ -67,6 +68,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if gelu:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _dtypes_agree(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Under autocast any float operands are cast; outside it they must match, as F.linear requires."""
+    if torch.is_autocast_enabled("cpu"):
+        return True
+    return weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
 
 
 def _as(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -92,7 +100,6 @@ class OneDNNLinears(TorchFunctionMode):
         if func is F.linear:  # the mode is off inside this handler: `linear`'s own F.linear does not recurse
             return linear(*args, **kwargs)
         return func(*args, **kwargs)
-
 
 
 def _register_flop_formula() -> None:

@@ -175,8 +175,8 @@ def macs_summary(s: BenchSetup, ks: tuple[int, ...], k_ref: int) -> tuple[dict, 
 
 
 def decode_ops_and_syncs(s: BenchSetup, k: int) -> tuple[int, int]:
-    """Top-level ops (ATen's and oneDNN's) one decode(K) call issues (each is at least one kernel launch on a GPU) and
-    its blocking host syncs (`_local_scalar_dense`, what `.item()`, `bool(tensor)` and `.tolist()` run),
+    """Top-level ops (ATen's and oneDNN's) one decode(K) call issues (each is at least one kernel
+    launch on a GPU) and its blocking host syncs (`_local_scalar_dense`, what `.item()`, `bool(tensor)` and `.tolist()` run),
     counted with torch.profiler on a warm call."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -18,6 +18,7 @@ hold them equal). SPD's decoder layers are `Linear`s; `OneDNNLinears` routes a t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,8 +30,10 @@ from torch.utils.flop_counter import flop_registry, register_flop_formula
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+@functools.cache
 def onednn_available() -> bool:
-    """Whether this PyTorch build has oneDNN's fused linear kernel (x86 builds do)."""
+    """Whether this PyTorch build has oneDNN's fused linear kernel (x86 builds do). Asked once: every
+    linear call checks it."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 

@@ -121,3 +121,12 @@ def test_tune_cpu_allocator_applies_on_glibc_unless_told_not_to(setting):
     code = "import spd, spd.allocator as a; print(spd.tune_cpu_allocator(), a.allocator_setting()['malloc'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout.split()
     assert out == (["True", "glibc,", "tuned"] if setting == "tuned" else ["False", "default"])
+
+
+def test_a_typo_in_spd_malloc_ends_in_one_line():
+    env = {**os.environ, "SPD_MALLOC": "defualt"}
+    result = subprocess.run([sys.executable, "-m", "spd.cli", "params", "--preset", "v15-tiny"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "spd params: error: SPD_MALLOC must be 'default' or 'tuned' (or unset); got 'defualt'"]

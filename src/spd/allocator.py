@@ -20,6 +20,8 @@ import ctypes
 import os
 import platform
 
+from spd.errors import UserInputError
+
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed value on 64-bit: up to here, the heap
 TRIM_THRESHOLD = 1024 * 1024 * 1024  # free heap kept before any is returned to the OS
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
@@ -29,8 +31,12 @@ _state = {"tuned": False}
 
 def tune_cpu_allocator() -> bool:
     """Sets glibc's M_MMAP_THRESHOLD (32 MiB) and M_TRIM_THRESHOLD (1 GiB) for this process. Returns
-    whether it did (False off glibc, or when SPD_MALLOC=default). Calling it again is harmless."""
-    if os.environ.get("SPD_MALLOC") == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    whether it did (False off glibc, or when SPD_MALLOC=default). Calling it again is harmless.
+    Raises UserInputError when SPD_MALLOC holds anything but "default" or "tuned" (a typo)."""
+    setting = os.environ.get("SPD_MALLOC", "tuned")
+    if setting not in ("default", "tuned"):
+        raise UserInputError(f"SPD_MALLOC must be 'default' or 'tuned' (or unset); got {setting!r}")
+    if setting == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -592,10 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     end in one line `spd <command>: error: <message>` and their exit code (`spd.errors`); a bug keeps
     its traceback. `--debug` or SPD_DEBUG=1 shows the traceback of the project's errors too."""
     args = build_parser().parse_args(argv)
-    tune_cpu_allocator()  # freed memory kept for the next call (spd.allocator; SPD_MALLOC=default skips)
     debug = args.debug or os.environ.get("SPD_DEBUG") == "1"
     command = args.command + (f" {args.data_command}" if getattr(args, "data_command", None) else "")
-    return run_reporting_errors(f"spd {command}", lambda: args.func(args), debug)
+
+    def tuned_command() -> int:
+        tune_cpu_allocator()  # freed memory kept for the next call (spd.allocator; SPD_MALLOC=default skips)
+        return args.func(args)
+
+    return run_reporting_errors(f"spd {command}", tuned_command, debug)
 
 
 def run_reporting_errors(name: str, func, debug: bool = False) -> int:

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from spd.bench import bf16_matmul_floor  # noqa: E402
 from spd.models.baseline import DepthAnythingBaseline, DenseDepth, baseline_input_size  # noqa: E402
 
 
@@ -130,3 +131,17 @@ def test_a_typo_in_spd_malloc_ends_in_one_line():
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
         "spd params: error: SPD_MALLOC must be 'default' or 'tuned' (or unset); got 'defualt'"]
+
+
+def test_bf16_floor_is_every_mac_at_the_measured_bf16_gemm_rate():
+    """`spd bench --dtype fp32,bf16`'s floor: (encode + decode(K) MACs) / bf16 GEMM rate, over fp32's total(K)."""
+    result = {
+        "fast_paths": {"linear_fp32_gmacs": {"f_linear": 90.0, "onednn": 200.0, "onednn_bf16": 400.0}},
+        "macs": {"encode": 28e9},
+        "spd": {"decode_macs": {"256": 2e9}, "total_ms": {"256": 250.0}},
+    }
+    floor = bf16_matmul_floor(result, "256")
+    assert floor["gmacs"] == pytest.approx(30.0)
+    assert floor["ms"] == pytest.approx(75.0)  # 30 GMAC at 400 GMAC/s
+    assert floor["over_first_dtype_total"] == pytest.approx(0.3)
+    assert bf16_matmul_floor({**result, "fast_paths": {}}, "256") is None  # no rates measured (compiled run, no oneDNN)

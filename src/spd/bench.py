@@ -282,6 +282,8 @@ def run_bench(
             result[f"{other}_over_{primary}_total"] = {
                 str(k): paired_total_ratio((s, primary), (other_setup, other), k, repeat) for k in ks
             }
+        if "bf16" in dtypes[1:]:
+            result["bf16_matmul_floor"] = bf16_matmul_floor(result, str(k_ref))
     if onnx:
         if dev.type != "cpu":
             raise UserInputError("--backend onnx times ONNX Runtime's CPU provider: use --device cpu")
@@ -293,6 +295,21 @@ def run_bench(
         result["training_step"] = {dtype: training_step_section(device, dtype) for dtype in dtypes}
     _add_run_facts(result, s, ks, dtypes, compile, repeat, height, width)
     return result
+
+
+def bf16_matmul_floor(result: dict, k: str) -> dict | None:
+    """The least bf16 SPD total(K) the CPU's measured bf16 GEMM rate allows: every MAC of encode and
+    decode(K) (convolutions included) at that rate and nothing else costing anything, and that over
+    the first dtype's measured total(K). A lower bound for the bf16 / fp32 total ratio: depthwise
+    convolutions, norms and elementwise work run far below the GEMM rate and do cost something.
+    None without the rates (not on a CPU with oneDNN, or a compiled run)."""
+    rates = (result.get("fast_paths") or {}).get("linear_fp32_gmacs")
+    if not rates:
+        return None
+    macs = result["macs"]["encode"] + result["spd"]["decode_macs"][k]
+    floor_ms = macs / rates["onednn_bf16"] / 1e6  # GMAC / (GMAC/s) in ms
+    return {"k": int(k), "gmacs": macs / 1e9, "bf16_gmac_per_s": rates["onednn_bf16"], "ms": floor_ms,
+            "over_first_dtype_total": floor_ms / result["spd"]["total_ms"][k]}
 
 
 def _add_run_facts(result: dict, s: BenchSetup, ks, dtypes, compile, repeat, height, width) -> None:
@@ -373,6 +390,11 @@ def _format_extras(result: dict) -> list[str]:
         for k in rows["spd"]["total_ms"]:
             lines.append(f"  K={k:>5}: decode {rows['spd']['decode_ms'][k]:.1f} ms, total {rows['spd']['total_ms'][k]:.1f} ms, "
                          f"SPD/base {rows['ratio_total'][k]:.2f}, {dtype}/{result['dtype']} total {ratio[k]:.2f}")
+    floor = result.get("bf16_matmul_floor")
+    if floor:
+        lines.append(f"  bf16 floor: the {floor['gmacs']:.2f} GMACs of total(K={floor['k']}) at the bf16 GEMM rate above "
+                     f"({floor['bf16_gmac_per_s']:.0f} GMAC/s) take {floor['ms']:.1f} ms with nothing else costing anything: "
+                     f"bf16/{result['dtype']} total >= {floor['over_first_dtype_total']:.2f}")
     for dtype, section in (result.get("training_step") or {}).items():
         spd, base = section["spd"], section["baseline"]
         lines.append(

@@ -31,7 +31,7 @@ demo: install
 # The canonical-camera rule measured (README "Any camera"): two v15-tiny runs, test rooms through
 # a 1.5x lens; about 16 min on a 2-core CPU. Results in camera_out/camera_experiment.json.
 camera-experiment: install
-	$(BIN)/python -m spd.camera_experiment --out camera_out
+	$(BIN)/python -m spd.experiments.camera --out camera_out
 
 # The checks that need a GPU (cuda tests, bench on cuda, 50-step bf16 v15 training); figures to docs/gpu/.
 # Without CUDA it says so and exits 0. Uses .venv if present, else the machine's python3.

@@ -146,7 +146,7 @@ def test_a_real_process_prints_one_line_and_the_documented_exit_code(model_dir, 
 def test_a_second_writer_and_a_changed_resume_are_refused(tmp_path, synth_root):
     from spd.engine.runlog import RunFolderGuard
     from spd.errors import RunFolderError
-    from spd.train_config import load_config
+    from spd.config.training import load_config
 
     cfg = load_config("v15_tiny_synth")
     run = tmp_path / "run"

@@ -124,7 +124,7 @@ def test_training_step_makes_no_host_sync(device, tmp_path, synth_root):
     from spd.engine.distributed import DistInfo
     from spd.engine.loop import TrainState, train_step
     from spd.engine.train import build_session
-    from spd.train_config import load_config
+    from spd.config.training import load_config
 
     cfg = load_config("v15_tiny_synth", ["data.num_queries=32", "batch_size=2", "data.workers=0", "data.crop_size=[64,96]"])
     with warnings.catch_warnings():

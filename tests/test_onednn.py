@@ -8,9 +8,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from spd.models.onednn import OneDNNLinears, linear, onednn_available, takes_onednn
+from spd.models import onednn
+from spd.models.onednn import OneDNNLinears, linear, onednn_runs, takes_onednn
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN linear kernel")
+pytestmark = pytest.mark.skipif(not onednn_runs(torch.float32), reason="oneDNN's fp32 linear is not used on this machine")
 
 KERNEL = "mkldnn::_linear_pointwise"
 
@@ -51,7 +52,8 @@ def test_bf16_autocast_linear_is_autocasts_linear():
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         out, onednn = ran_onednn(lambda: linear(x, weight, bias, gelu=True))
         expected = reference(x, weight, bias, gelu=True)
-    assert onednn and out.dtype == expected.dtype == torch.bfloat16
+    assert onednn == onednn_runs(torch.bfloat16)  # F.linear where oneDNN has no bf16 inner product (AVX2)
+    assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -94,6 +96,7 @@ def test_onednn_linears_routes_nn_linear_layers():
 
 
 def test_flop_counter_counts_the_onednn_kernel_as_a_matmul():
+    assert onednn.register_flop_formula()  # what `spd bench` calls before counting
     x, weight = torch.randn(2, 10, 32), torch.randn(24, 32)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         linear(x, weight, gelu=True)
@@ -131,3 +134,67 @@ def test_mismatched_dtypes_outside_autocast_fail_as_f_linear_does():
     x, weight = torch.randn(3, 8), torch.randn(4, 8).bfloat16()
     with torch.inference_mode(), pytest.raises(RuntimeError, match="dtype"):
         linear(x, weight)
+
+
+# --- the routing rule (issue 26) -------------------------------------------------------------------
+@pytest.fixture
+def fresh_routing(monkeypatch):
+    """The rule's per-process decisions forgotten before and after the test."""
+    def forget():
+        onednn.onednn_available.cache_clear()
+        onednn._probe.cache_clear()
+        onednn._failed.clear()
+
+    forget()
+    yield monkeypatch
+    forget()
+
+
+def test_a_cpu_without_bf16_instructions_runs_f_linear_with_one_warning(fresh_routing):
+    fresh_routing.setattr(onednn, "_bf16_instructions", lambda: False)
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(30, 64), torch.randn(128, 64) / 8, torch.randn(128)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(RuntimeWarning, match="no bf16 inner product"):
+            out, ran = ran_onednn(lambda: linear(x, weight, bias, gelu=True))
+        expected = reference(x, weight, bias, gelu=True)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process: the second call is quiet
+            linear(x, weight, bias)
+    assert not ran
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert onednn.kernel_report() == {"fp32": "oneDNN", "bf16": "F.linear"}
+
+
+def test_a_kernel_that_fails_mid_run_falls_back_to_f_linear_for_good(fresh_routing):
+    def broken(*args):
+        raise RuntimeError("could not create a primitive descriptor for the inner product")
+
+    onednn_runs(torch.float32)  # probe with the real kernel first: only the later call fails
+    fresh_routing.setattr(onednn, "_fused_linear_kernel", lambda: broken)
+    x, weight = torch.randn(5, 8), torch.randn(4, 8)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="primitive descriptor"):
+        out = linear(x, weight, gelu=True)
+    torch.testing.assert_close(out, F.gelu(F.linear(x, weight)))
+    assert not onednn_runs(torch.float32)
+
+
+def test_an_arm_cpu_is_sent_to_the_plain_ops(fresh_routing):
+    fresh_routing.setattr(onednn.platform, "machine", lambda: "aarch64")
+    assert not onednn_runs(torch.float32) and not onednn_runs(torch.bfloat16)
+    with torch.inference_mode():
+        assert not takes_onednn(torch.randn(3, 8))
+
+
+def test_import_spd_and_the_flop_formula_survive_a_torch_without_its_private_flop_registry():
+    """`import spd` touches no private torch API; the bench's FLOP formula degrades to False."""
+    import subprocess
+    import sys
+
+    code = ("import torch.utils.flop_counter as fc; del fc.flop_registry; import spd; "
+            "from spd.models.onednn import register_flop_formula; print(register_flop_formula())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False"]

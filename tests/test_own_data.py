@@ -179,7 +179,7 @@ def test_mixed_datasets_share_each_epoch_by_weight_and_train(described_root, tmp
 
 
 def test_training_labels_go_to_the_canonical_camera_frame_by_frame():
-    from spd.camera import labels_to_canonical
+    from spd.cameras.canonical import labels_to_canonical
 
     depth = torch.full((3, 1, 2, 2), 2.0)
     batch = {"depth": depth, "focal": torch.tensor([100.0, 200.0, float("nan")])}
@@ -263,8 +263,8 @@ def test_synth_renders_the_same_room_through_another_lens(tmp_path):
 def test_ctrl_c_during_training_stops_demo_and_camera_experiment_before_scoring(tmp_path, monkeypatch, capsys):
     """A training run stopped by Ctrl-C (saved, `stopped == "preempted"`) ends `spd demo` and the camera
     experiment in one line and exit 130: nothing is scored or written from a half-trained model."""
-    import spd.camera_experiment as experiment
-    import spd.demo as demo
+    import spd.experiments.camera as experiment
+    import spd.experiments.demo as demo
 
     preempted = lambda *args, **kwargs: {"stopped": "preempted"}  # noqa: E731
     monkeypatch.setattr(demo, "train", preempted)
@@ -274,4 +274,4 @@ def test_ctrl_c_during_training_stops_demo_and_camera_experiment_before_scoring(
     assert experiment.main(["--out", str(tmp_path / "camera"), "--n-train", "2", "--n-test", "1"]) == 130
     assert not (tmp_path / "camera" / "camera_experiment.json").exists()
     lines = capsys.readouterr().err.splitlines()
-    assert "spd demo: interrupted" in lines and lines[-1] == "python -m spd.camera_experiment: interrupted"
+    assert "spd demo: interrupted" in lines and lines[-1] == "python -m spd.experiments.camera: interrupted"

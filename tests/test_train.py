@@ -213,7 +213,7 @@ def test_mixin_save_pretrained_from_pretrained(tmp_path, tiny_model):
 
 def test_non_finite_losses_stop_the_run_with_a_clear_message(tmp_path, synth_root):
     from spd.engine.train import train
-    from spd.train_config import load_config
+    from spd.config.training import load_config
 
     cfg = load_config("v15_tiny_synth", TINY + ["optim.lr=1e30", "optim.warmup_steps=1", "max_nonfinite=3",
                                                 "optim.grad_clip=1e30"])
@@ -232,7 +232,7 @@ def test_tiny_config_beats_the_median_predictor(tmp_path):
     from spd.engine.evaluate import evaluate
     from spd.engine.train import train
     from spd.models.constant import ConstantDepth, median_training_depth
-    from spd.train_config import load_config
+    from spd.config.training import load_config
 
     root = generate(tmp_path / "data", 300, 50, (120, 160), holes=True, seed=0, progress=False)
     cfg = load_config("v15_tiny_synth", ["eval.every_steps=0", "eval.limit=null"])

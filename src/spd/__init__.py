@@ -9,9 +9,10 @@
 """
 
 from spd.allocator import tune_cpu_allocator
-from spd.build import build_model
-from spd.config import ModelConfig, preset_config
-from spd.hub import CheckpointError, load_model, save_model
+from spd.models.build import build_model
+from spd.config.model import ModelConfig, preset_config
+from spd.models.folder import CheckpointError
+from spd.models.spd import load_model, save_model
 from spd.models import SPD, EncodedFeatures
 from spd.models.paths import InferencePaths
 from spd.predictor import Predictor

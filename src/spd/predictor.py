@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from spd.camera import canonical_focal_of, prediction_to_metric
+from spd.cameras.canonical import canonical_focal_of, prediction_to_metric
 from spd.chunked import K_BUCKETS, decode_in_chunks
 from spd.data.io import read_rgb
 from spd.data.transforms import normalize_image
 from spd.errors import UserInputError
 from spd.geometry.validation import validate_queries
-from spd.intrinsics import checked_intrinsics
+from spd.cameras.intrinsics import checked_intrinsics
 from spd.models.precision import low_precision_copy
 
 ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W, 3) uint8 | torch.Tensor (3, H, W)

@@ -33,7 +33,7 @@ import yaml
 from spd.data.io import DataError, parse_number_rows, read_depth_png, read_rgb
 from spd.data.nyu import DepthDataset, Split
 from spd.errors import ConfigError, DataLayoutError, UserInputError
-from spd.intrinsics import checked_intrinsics
+from spd.cameras.intrinsics import checked_intrinsics
 
 DESCRIPTION_KEYS = {"root", "list", "val_list", "depth_scale", "intrinsics"}
 SPARSE_SUFFIXES, DENSE_SUFFIXES = (".csv",), (".png",)

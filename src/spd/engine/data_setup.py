@@ -11,7 +11,7 @@ from spd.data.described import DescribedDepth, is_description
 from spd.data.mix import MixedDataset, WeightedEpochSampler
 from spd.engine.distributed import DistInfo
 from spd.errors import ConfigError, DataLayoutError
-from spd.train_config import TrainConfig
+from spd.config.training import TrainConfig
 
 
 def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYUDepth]:

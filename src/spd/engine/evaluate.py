@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from spd.camera import canonical_focal_of, prediction_to_metric
+from spd.cameras.canonical import canonical_focal_of, prediction_to_metric
 from spd.chunked import decode_in_chunks
 from spd.data.queries import crop_mask, eval_seed
 from spd.metrics import MetricAccumulator, depth_metrics

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from spd.camera import canonical_focal_of, labels_to_canonical
+from spd.cameras.canonical import canonical_focal_of, labels_to_canonical
 from spd.engine import distributed as dist_utils
 from spd.engine.checkpoint import link_copy, rng_state, save_checkpoint
 from spd.engine.data_setup import EpochPlan
@@ -29,7 +29,7 @@ from spd.engine.evaluate import evaluate
 from spd.engine.runlog import Preemption, RunLogger
 from spd.losses import baseline_losses, spd_losses
 from spd.models.spd import SPD
-from spd.train_config import TrainConfig
+from spd.config.training import TrainConfig
 
 
 @dataclass

@@ -23,7 +23,7 @@ from spd.engine.data_setup import EpochPlan, resolve_data
 from spd.engine.loop import Session, TrainState, checkpoint, train_one_epoch, validate
 from spd.engine.runlog import Preemption, RunFolderGuard, RunLogger, truncate_metrics
 from spd.models.spd import SPD
-from spd.train_config import TrainConfig, save_config
+from spd.config.training import TrainConfig, save_config
 
 
 def lr_schedule(total_steps: int, warmup_steps: int, kind: str = "cosine", min_ratio: float = 0.01) -> np.ndarray:

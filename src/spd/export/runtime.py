@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spd.camera import DEFAULT_CANONICAL_FOCAL
+from spd.cameras.canonical import DEFAULT_CANONICAL_FOCAL
 from spd.errors import SPDError, UserInputError
 from spd.export.onnx_export import DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE
 from spd.models.folder import CheckpointError, file_sha256

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.config import check_ldrm_patch
+from spd.config.model import check_ldrm_patch
 from spd.geometry.windows import gather_windows
 from spd.models.onednn import linear
 from spd.models.rows import LevelIndex

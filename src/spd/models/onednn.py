@@ -11,7 +11,15 @@ The kernel is `torch.ops.mkldnn._linear_pointwise`, the one TorchInductor emits 
 fused activations. It is private and has no autograd formula, so `linear` takes it only where it is
 present, on CPU, without autograd, outside torch.compile / torch.export tracing (their graphs make
 their own kernel choices), in fp32 or bf16; everywhere else it is `F.linear`, the reference (tests
-hold them equal). SPD's decoder layers are `Linear`s; `OneDNNLinears` routes a third-party model's
+hold them equal).
+
+Where it runs is decided once per process and dtype by `onednn_runs`: an x86-64 CPU (on aarch64
+PyTorch's oneDNN goes through ACL, where fused inner products have fallen back to reference kernels:
+not measured here, so not used), the instruction set oneDNN needs for bf16 (PyTorch's own check), and
+a tiny probe call that must run and agree with `F.linear`. An AVX2-only CPU (or
+`ONEDNN_MAX_CPU_ISA=AVX2`) has no bf16 inner product: bf16 then runs `F.linear` under autocast. If a
+call still fails, that dtype falls back to `F.linear` for the rest of the process, with one warning.
+SPD's decoder layers are `Linear`s; `OneDNNLinears` routes a third-party model's
 `nn.Linear` layers the same way: the Depth Anything baseline runs under it, so both models of
 `spd bench` run the same GEMM kernels.
 """
@@ -20,21 +28,86 @@ from __future__ import annotations
 
 import functools
 import math
+import platform
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_X86_64 = ("x86_64", "amd64")
+_failed: set[torch.dtype] = set()  # dtypes whose oneDNN call failed in this process: F.linear from then on
+
+
+def _fused_linear_kernel():
+    """PyTorch's private fused linear op (what TorchInductor emits on CPU), or None in a build without it."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    return getattr(mkldnn, "_linear_pointwise", None) if mkldnn is not None else None
+
+
+def _bf16_instructions() -> bool:
+    """Whether the CPU has the instructions oneDNN's bf16 kernels need (PyTorch's own check:
+    avx512bw/vl/dq at least); False where the check itself is missing."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @functools.cache
 def onednn_available() -> bool:
-    """Whether this PyTorch build has oneDNN's fused linear kernel (x86 builds do). Asked once: every
-    linear call checks it."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this process may use oneDNN's fused linear at all: an x86-64 CPU and a PyTorch build
+    with oneDNN and the kernel. Asked once."""
+    return (
+        platform.machine().lower() in _X86_64
+        and torch.backends.mkldnn.is_available()
+        and _fused_linear_kernel() is not None
+    )
+
+
+@functools.cache
+def _probe(dtype: torch.dtype) -> str | None:
+    """None when a tiny fused linear + GELU in `dtype` runs and matches F.linear; else why not."""
+    if dtype == torch.bfloat16 and not _bf16_instructions():
+        return "this CPU has no bf16 inner product in oneDNN (it needs AVX-512 or AMX)"
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator, dtype=dtype) for shape in ((4, 32), (16, 32), (16,)))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            fused = _fused_linear_kernel()(x, weight, bias, "gelu", [], "none").float()
+            plain = F.gelu(F.linear(x.float(), weight.float(), bias.float()))
+    except RuntimeError as err:
+        return f"oneDNN's linear failed its probe ({str(err).splitlines()[0]})"
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    if not torch.allclose(fused, plain, rtol=tolerance, atol=tolerance):
+        return "oneDNN's linear disagreed with F.linear in its probe"
+    return None
+
+
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """The one routing rule: oneDNN's fused linear in `dtype` is known to run right here (decided once
+    per process and dtype; a failure warns once and sends that dtype to `F.linear`)."""
+    if dtype not in _ONEDNN_DTYPES or dtype in _failed or not onednn_available():
+        return False
+    reason = _probe(dtype)
+    if reason is not None:
+        _give_up(dtype, reason)
+        return False
+    return True
+
+
+def _give_up(dtype: torch.dtype, reason: str) -> None:
+    if dtype not in _failed:
+        _failed.add(dtype)
+        warnings.warn(f"spd: {dtype} linear layers run F.linear, not oneDNN: {reason}", RuntimeWarning, stacklevel=3)
+
+
+def kernel_report() -> dict[str, str]:
+    """Which linear kernel each inference dtype runs in this process (for `spd bench`)."""
+    return {name: ("oneDNN" if onednn_runs(dtype) else "F.linear") for name, dtype in (("fp32", torch.float32),
+                                                                                          ("bf16", torch.bfloat16))}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -48,8 +121,7 @@ def takes_onednn(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
-        and _compute_dtype(x) in _ONEDNN_DTYPES
-        and onednn_available()
+        and onednn_runs(_compute_dtype(x))
     )
 
 
@@ -67,10 +139,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return out
         return F.gelu(out) if torch.is_grad_enabled() else torch.ops.aten.gelu_(out)
     dtype = _compute_dtype(x)
-    x, weight, bias = (_as(t, dtype) for t in (x, weight, bias))
-    if gelu:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    operands = [_as(t, dtype) for t in (x, weight, bias)]
+    try:
+        if gelu:
+            return _fused_linear_kernel()(*operands, "gelu", [], "none")
+        return _fused_linear_kernel()(*operands, "none", [], "")
+    except RuntimeError as err:  # a shape or kernel the probe did not meet: the plain op, from now on
+        _give_up(dtype, str(err).splitlines()[0])
+        return linear(x, weight, bias, gelu)
 
 
 def _dtypes_agree(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -105,16 +181,22 @@ class OneDNNLinears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _register_flop_formula() -> None:
-    """torch's FLOP counter (`spd bench`'s MACs) counts oneDNN's linear as the matmul it is."""
-    kernel = torch.ops.mkldnn._linear_pointwise
+def register_flop_formula() -> bool:
+    """Teaches torch's FLOP counter (`spd bench`'s MACs) that oneDNN's linear is the matmul it is.
+    Uses torch's private FLOP registry: called by the bench, never at import, and False (the MACs of
+    oneDNN linears then go uncounted, and the bench says so) where that registry has moved."""
+    try:
+        from torch.utils.flop_counter import flop_registry, register_flop_formula as register
+    except ImportError:
+        return False
+    kernel = _fused_linear_kernel()
+    if kernel is None:
+        return False
     if kernel in flop_registry:
-        return
+        return True
 
-    @register_flop_formula(kernel)
+    @register(kernel)
     def _linear_pointwise_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
         return 2 * math.prod(out_shape) * x_shape[-1]  # any overload: (..., in) -> (..., out)
 
-
-if onednn_available():
-    _register_flop_formula()
+    return True

@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from spd.config import ModelConfig
+from spd.config.model import ModelConfig
 from spd.geometry.coords import pad_image, padded_size
 from spd.geometry.validation import validate_queries
 from spd.models.decoder import DecoderLayer

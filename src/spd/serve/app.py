@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from spd.errors import UserInputError
-from spd.intrinsics import checked_intrinsics
+from spd.cameras.intrinsics import checked_intrinsics
 from spd.predictor import ImageFeatures, Predictor, backproject, check_points, grid_points, image_to_uint8
 from spd.serve.cache import FeatureCache
 

@@ -18,12 +18,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from spd.allocator import allocator_setting
-from spd.bench_train import median_ms, sync_device, training_step_section
+from spd.bench.train_step import median_ms, sync_device, training_step_section
 from spd.errors import UserInputError
-from spd.build import build_model
+from spd.models.build import build_model
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
 from spd.models.onednn import linear as onednn_linear
-from spd.models.onednn import onednn_available
+from spd.models.onednn import onednn_runs, register_flop_formula
 from spd.models.precision import low_precision_copy
 
 
@@ -52,7 +52,7 @@ def measure_fast_paths(model, image: torch.Tensor, queries: torch.Tensor, k: int
         out[f"encoder_{label}_ms"] = median_ms(lambda: model.encode(image, encode_paths), max(3, repeat // 2), device)
         decode = lambda: model.decode(features, queries, paths=decode_paths, check_values=False)  # noqa: E731
         out[f"decoder_{label}_ms"] = median_ms(decode, repeat, device)
-    if device.type == "cpu" and onednn_available():
+    if device.type == "cpu":
         out["linear_fp32_gmacs"] = linear_kernel_rates(model.encoder.channels[0], image.shape[-2:], repeat)
     return out
 
@@ -60,7 +60,8 @@ def measure_fast_paths(model, image: torch.Tensor, queries: torch.Tensor, k: int
 def linear_kernel_rates(channels: int, image_size, repeat: int) -> dict:
     """GMAC/s of the encoder's first MLP layer ((H/4 * W/4, C) @ (C, 4C)) in fp32 through `F.linear`
     (MKL's sgemm on x86 builds) and through oneDNN (`spd.models.onednn`: why the linears go there),
-    and in bf16 through oneDNN (what bf16 can gain at most on the matmuls)."""
+    and in bf16 through the kernel bf16 linears run here (what bf16 can gain at most on the matmuls).
+    A rate whose kernel does not run on this machine (`onednn_runs`) is None, not measured."""
     rows = (image_size[0] // 4) * (image_size[1] // 4)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, channels, generator=generator)
@@ -68,17 +69,19 @@ def linear_kernel_rates(channels: int, image_size, repeat: int) -> dict:
     macs = rows * channels * 4 * channels
     low = [t.bfloat16() for t in (x, weight, bias)]
     cpu = torch.device("cpu")
+    calls = {"f_linear": lambda: torch.nn.functional.linear(x, weight, bias)}
+    if onednn_runs(torch.float32):
+        calls["onednn"] = lambda: onednn_linear(x, weight, bias)
+    calls["bf16"] = lambda: onednn_linear(*low)  # oneDNN where it runs bf16, else F.linear
     with torch.autocast("cpu", enabled=False):
-        times = {
-            "f_linear": median_ms(lambda: torch.nn.functional.linear(x, weight, bias), repeat, cpu),
-            "onednn": median_ms(lambda: onednn_linear(x, weight, bias), repeat, cpu),
-            "onednn_bf16": median_ms(lambda: onednn_linear(*low), repeat, cpu),
-        }
-    return {"shape": [rows, channels, 4 * channels], **{name: macs / ms / 1e6 for name, ms in times.items()}}
+        rates = {name: macs / median_ms(call, repeat, cpu) / 1e6 for name, call in calls.items()}
+    return {"shape": [rows, channels, 4 * channels], "onednn": rates.get("onednn"), **rates,
+            "bf16_kernel": "oneDNN" if onednn_runs(torch.bfloat16) else "F.linear"}
 
 
 def count_macs(fn) -> int:
     """Multiply-accumulates of one call (torch's FLOP counter counts 2 per MAC)."""
+    register_flop_formula()  # oneDNN's linear counted as the matmul it is (where torch lets us)
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() // 2
@@ -287,7 +290,7 @@ def run_bench(
     if onnx:
         if dev.type != "cpu":
             raise UserInputError("--backend onnx times ONNX Runtime's CPU provider: use --device cpu")
-        from spd.export.bench_onnx import onnx_section
+        from spd.bench.onnx import onnx_section
 
         result["onnx"] = onnx_section(built.spd_model, built.baseline, built.image, built.queries, repeat,
                                       torch.get_num_threads())
@@ -307,8 +310,8 @@ def bf16_matmul_floor(result: dict, k: str) -> dict | None:
     if not rates:
         return None
     macs = result["macs"]["encode"] + result["spd"]["decode_macs"][k]
-    floor_ms = macs / rates["onednn_bf16"] / 1e6  # GMAC / (GMAC/s) in ms
-    return {"k": int(k), "gmacs": macs / 1e9, "bf16_gmac_per_s": rates["onednn_bf16"], "ms": floor_ms,
+    floor_ms = macs / rates["bf16"] / 1e6  # GMAC / (GMAC/s) in ms
+    return {"k": int(k), "gmacs": macs / 1e9, "bf16_gmac_per_s": rates["bf16"], "ms": floor_ms,
             "over_first_dtype_total": floor_ms / result["spd"]["total_ms"][k]}
 
 
@@ -363,12 +366,13 @@ def format_bench(result: dict) -> str:
     rates = fast.get("linear_fp32_gmacs")
     if rates:
         rows, width, hidden = rates["shape"]
+        onednn = (f"oneDNN {rates['onednn']:.0f} GMAC/s (SPD and DAv2-S use oneDNN)" if rates["onednn"]
+                  else "oneDNN not used on this machine (SPD and DAv2-S use F.linear)")
         lines.append(f"fp32 linear ({rows} x {width} -> {hidden}, the encoder's first MLP layer): F.linear "
-                     f"{rates['f_linear']:.0f} GMAC/s, oneDNN {rates['onednn']:.0f} GMAC/s (SPD and DAv2-S use oneDNN); "
-                     f"bf16 oneDNN {rates['onednn_bf16']:.0f} GMAC/s")
+                     f"{rates['f_linear']:.0f} GMAC/s, {onednn}; bf16 {rates['bf16_kernel']} {rates['bf16']:.0f} GMAC/s")
     lines += _format_extras(result)
     if "onnx" in result:
-        from spd.export.bench_onnx import format_onnx
+        from spd.bench.onnx import format_onnx
 
         lines += format_onnx(result["onnx"], result)
     lines.append(f"peak memory {result['peak_memory_mb']:.0f} MB")

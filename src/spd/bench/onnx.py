@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spd.bench_train import median_ms
+from spd.bench.train_step import median_ms
 from spd.export.onnx_export import export_onnx
 
 CPU = torch.device("cpu")  # ONNX Runtime's CPU provider

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 
-from spd.build import build_model
+from spd.models.build import build_model
 from spd.losses import baseline_losses, spd_losses
 from spd.models.baseline import DepthAnythingBaseline
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spd.config import ModelConfig, preset_config
+from spd.config.model import ModelConfig, preset_config
 from spd.models.spd import SPD
 
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from spd.config_check import Rule, check_config, non_negative, optional, positive
+from spd.config.checks import Rule, check_config, non_negative, optional, positive
 from spd.errors import ConfigError
 
 PresetName = Literal["v15", "v15-tiny"]

@@ -21,7 +21,7 @@ from spd.engine.train import train
 from spd.metrics import METRIC_NAMES, format_metrics
 from spd.models.constant import ConstantDepth, median_training_depth
 from spd.predictor import Predictor
-from spd.train_config import load_config
+from spd.config.training import load_config
 from spd.vis import save_point_overlay, save_scatter, save_training_curves
 
 

@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from spd.config import ModelConfig, preset_config
-from spd.config_check import Rule, check_config, non_negative, optional, positive, unit_interval
+from spd.config.model import ModelConfig, preset_config
+from spd.config.checks import Rule, check_config, non_negative, optional, positive, unit_interval
 from spd.errors import ConfigError
 
 
@@ -171,7 +171,7 @@ def _from_dict(cls, data: dict[str, Any], where: str = ""):
 
 
 def named_configs() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("spd.configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in resources.files("spd.config.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
@@ -183,7 +183,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainC
             raise ConfigError(f"config file not found: {path}")
         text = path.read_text()
     else:
-        resource = resources.files("spd.configs").joinpath(f"{name_or_path}.yaml")
+        resource = resources.files("spd.config.recipes").joinpath(f"{name_or_path}.yaml")
         if not resource.is_file():
             raise ConfigError(f"unknown config {name_or_path!r}; bundled configs: {named_configs()} (or pass a .yaml path)")
         text = resource.read_text()

@@ -1,6 +1,6 @@
 """The canonical-camera rule (spd.camera) measured: one training camera, another at test time.
 
-    python -m spd.camera_experiment --out camera_out            # ~16 min on a 2-core CPU
+    python -m spd.experiments.camera --out camera_out            # ~16 min on a 2-core CPU
     make camera-experiment                                     # the same
 
 Synthetic rooms (`spd synth`, 1000 train / 50 test at 120x160, NYU's camera scaled) train
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from spd.camera import canonical_focal_of, prediction_to_metric
+from spd.cameras.canonical import canonical_focal_of, prediction_to_metric
 from spd.cli import run_reporting_errors
 from spd.data.described import DescribedDepth
 from spd.data.synthetic import generate, nyu_camera
 from spd.engine.evaluate import evaluate
 from spd.engine.train import train
 from spd.models.spd import load_model
-from spd.train_config import load_config
+from spd.config.training import load_config
 
 SIZE = (120, 160)
 
@@ -119,7 +119,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spd.camera_experiment", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m spd.experiments.camera", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("camera_out"))
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=50)

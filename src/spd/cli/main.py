@@ -1,0 +1,66 @@
+"""The `spd` entry point: the parser assembled from one module per sub-command, and the one error
+reporter every command (and `python -m spd.experiments.camera`) ends through."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from spd.allocator import tune_cpu_allocator
+from spd.cli import bench, data, demo, evaluate, export, loadcheck, params, predict, serve, synth, train
+from spd.errors import SPDError
+
+COMMANDS = (params, train, evaluate, predict, export, serve, loadcheck, demo, bench, synth, data)  # `spd --help` order
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: `spd <command>: error: <message> (see --help)`, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="spd",
+        description="SPD: metric depth at the K pixels you ask for (encode the image once, decode only the queries).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors (also SPD_DEBUG=1)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(subparsers)  # each sets `func` to its own `run`
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one sub-command. The project's own errors (bad arguments, settings, data, checkpoints)
+    end in one line `spd <command>: error: <message>` and their exit code (`spd.errors`); a bug keeps
+    its traceback. `--debug` or SPD_DEBUG=1 shows the traceback of the project's errors too."""
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("SPD_DEBUG") == "1"
+    command = args.command + (f" {args.data_command}" if getattr(args, "data_command", None) else "")
+
+    def tuned_command() -> int:
+        tune_cpu_allocator()  # freed memory kept for the next call (spd.allocator; SPD_MALLOC=default skips)
+        return args.func(args)
+
+    return run_reporting_errors(f"spd {command}", tuned_command, debug)
+
+
+def run_reporting_errors(name: str, func, debug: bool = False) -> int:
+    """`func()`'s exit code; the project's errors end in one line `<name>: error: <message>` and their
+    exit code, Ctrl-C in `<name>: interrupted` and 130. A bug keeps its traceback."""
+    try:
+        return func()
+    except SPDError as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the exception held
+        print(f"{name}: error: {message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C: files are written atomically, so what finished is kept whole
+        if debug:
+            raise
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,63 @@
+"""`spd serve`: the HTTP service (FastAPI + uvicorn): encode once, depth at many points, a page at /."""
+
+from __future__ import annotations
+
+import argparse
+
+from spd.cli.args import add_device, add_inference_dtype, positive_float, positive_int
+from spd.cli.models import load_any_model
+from spd.errors import UserInputError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="HTTP service: encode once, depth at many points; a click-for-depth page at /")
+    p.add_argument("--model", required=True, help="model folder or Hub id (an `spd export` folder with --backend onnx)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    add_device(p)
+    add_inference_dtype(p)
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (ONNX Runtime)")
+    p.add_argument("--cache-mb", type=positive_float, default=512.0,
+                   help="encoded images kept for image_id reuse, in MB (LRU; default 512, ~25 MB per 480x640 image)")
+    p.add_argument("--cache-ttl", type=positive_float, default=600.0,
+                   help="seconds an unused encoded image is kept (default 600)")
+    p.add_argument("--max-points", type=positive_int, default=65536, help="points per request (default 65536)")
+    p.set_defaults(func=run)
+
+
+def serving_predictor(args: argparse.Namespace):
+    """(predictor, info): the model behind the service and what `/v1/info` says of it."""
+    from spd.predictor import Predictor
+
+    if args.backend == "onnx":
+        from spd.export.runtime import OnnxPredictor
+
+        predictor = OnnxPredictor(args.model)
+        return predictor, {"backend": "onnx", **predictor.manifest["spd_config"]}
+    model = load_any_model(args.model, args.device)
+    config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
+    return Predictor(model, args.device, dtype=args.dtype), {"backend": "torch", **config}
+
+
+def run(args: argparse.Namespace) -> int:
+    import socket
+
+    try:
+        import uvicorn
+
+        from spd.serve.app import Limits, create_app
+        from spd.serve.cache import FeatureCache
+    except ImportError as err:
+        raise UserInputError(f'spd serve needs the [serve] extra: pip install "spd[serve]" ({err.name} is missing)') from None
+    with socket.socket() as probe:  # a taken port: one line now, not a uvicorn traceback later
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            raise UserInputError(f"cannot listen on {args.host}:{args.port} ({err.strerror})") from None
+    predictor, info = serving_predictor(args)
+    cache = FeatureCache(int(args.cache_mb * 2**20), args.cache_ttl)
+    app = create_app(predictor, str(args.model), info, cache, Limits(max_points=args.max_points))
+    print(f"spd serve: {args.model} on http://{args.host}:{args.port}/ ({predictor.device}, {predictor.dtype}); "
+          "no authentication: put it behind your reverse proxy to expose it")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

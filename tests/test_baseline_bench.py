@@ -146,3 +146,37 @@ def test_bf16_floor_is_every_mac_at_the_measured_bf16_gemm_rate():
     assert floor["ms"] == pytest.approx(75.0)  # 30 GMAC at 400 GMAC/s
     assert floor["over_first_dtype_total"] == pytest.approx(0.3)
     assert bf16_matmul_floor({**result, "fast_paths": {}}, "256") is None  # no rates measured (compiled run, no oneDNN)
+
+
+RSS_AFTER_A_FREE = """
+import sys, torch
+import spd.cli.{module} as command
+from spd.allocator import allocator_setting
+from spd.cli import main
+
+command.{func} = lambda args: 0  # the command's work is not the point: what main sets up around it is
+main(sys.argv[1:])
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+before = rss_mib()
+blocks = [torch.ones(4 * 2**20) for _ in range(150)]  # 150 x 16 MiB
+del blocks
+print(allocator_setting()["malloc"], round(rss_mib() - before))
+"""
+
+
+@pytest.mark.parametrize("argv, module, func, tuned", [
+    (["train", "--config", "v15_tiny_synth", "--data-root", ".", "--out", "run"], "train", "run", False),
+    (["data", "check", "--root", ".", "--filelist", "x"], "data", "run_check", False),
+    (["predict", "--model", "m", "--image", "i.png", "--points", "1,1"], "predict", "run", True),
+])
+def test_only_inference_commands_tune_the_allocator(argv, module, func, tuned):
+    """`spd train` and the data tools keep glibc's defaults: freed memory goes back to the OS."""
+    if not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("glibc only")
+    env = {k: v for k, v in os.environ.items() if k != "SPD_MALLOC"}
+    code = RSS_AFTER_A_FREE.format(module=module, func=func)
+    out = subprocess.run([sys.executable, "-c", code, *argv], env=env, check=True, capture_output=True, text=True)
+    setting, kept_mib = out.stdout.split()[-2], int(out.stdout.split()[-1])
+    assert setting == ("tuned" if tuned else "default")
+    assert (kept_mib > 64) if tuned else (kept_mib < 64), kept_mib  # tuned: ~350 MiB kept

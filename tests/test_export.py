@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import spd
+from conftest import DEVICES
 from spd.cli import main
 
 pytest.importorskip("onnxruntime", reason="the [export] extra is not installed")
@@ -145,3 +146,17 @@ def test_wrong_image_size_is_refused_naming_the_exported_size(exported, tmp_path
     assert "its aspect ratio differs" in other_aspect.stderr
     resized = _predict_cli("--model", str(exported[1]), "--backend", "onnx", "--image", str(small), "--points", "5,5")
     assert resized.returncode == 0, resized.stderr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_export_leaves_the_callers_model_in_its_mode_on_its_device(tmp_path, device):
+    """A model in train mode (one submodule in eval, as a frozen part would be) on any device comes
+    back from `export_onnx` exactly so."""
+    from spd.export.onnx_export import export_onnx
+
+    model = spd.build_model("v15-tiny", warn_random_encoder=False).to(device).train()
+    model.encoder.eval()
+    export_onnx(model, tmp_path / "onnx", height=64, width=96)
+    assert model.training and not model.encoder.training
+    assert all(m.training == (not any(m is e for e in model.encoder.modules())) for m in model.modules())
+    assert {p.device.type for p in model.parameters()} == {device}

@@ -238,3 +238,17 @@ def spd_reference():
     import spd
 
     return spd.InferencePaths.reference()
+
+
+# --- version floors ---------------------------------------------------------------------------------
+def test_version_floors_are_stated_once_and_checked():
+    import re
+
+    from spd.versions import FLOORS, too_old
+
+    pyproject = (SRC.parents[1] / "pyproject.toml").read_text()
+    stated = dict(re.findall(r'"(torch|torchvision|timm)>=([\d.]+)"', pyproject))
+    assert stated == FLOORS
+    assert too_old() == []  # this environment (what CI installs) meets them
+    assert too_old({"torch": "2.14.1+cu130", "torchvision": "0.19.1", "timm": "1.0.31"}) == [
+        "torchvision 0.19.1 found, 0.23 or newer needed"]

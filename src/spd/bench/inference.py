@@ -3,11 +3,14 @@ in one process, same input, same settings (both eager or both compiled), medians
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import platform
 import resource
 import statistics
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -18,10 +21,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from spd.allocator import allocator_setting
+from spd.bench.machine import cpu_facts, format_machine, kernel_facts
 from spd.bench.train_step import median_ms, sync_device, training_step_section
 from spd.errors import UserInputError
-from spd.models.build import build_model
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
+from spd.models.build import build_model
 from spd.models.onednn import linear as onednn_linear
 from spd.models.onednn import onednn_runs, register_flop_formula
 from spd.models.precision import low_precision_copy
@@ -185,7 +189,7 @@ def decode_ops_and_syncs(s: BenchSetup, k: int) -> tuple[int, int]:
 
     features = s.spd_model.encode(s.image)
     s.decode(features, s.queries[k])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU]) as prof:
         s.decode(features, s.queries[k])
     events = prof.events()
 
@@ -197,6 +201,22 @@ def decode_ops_and_syncs(s: BenchSetup, k: int) -> tuple[int, int]:
 
     ops = sum(1 for e in events if top_level(e))
     return ops, sum(1 for e in events if e.name == "aten::_local_scalar_dense")
+
+
+@contextlib.contextmanager
+def _kineto_quiet():
+    """Process-level stderr (fd 2) to /dev/null while torch.profiler starts and stops: its C++ tracer,
+    kineto, prints stage markers and, on a machine without a GPU, "gpuGetDeviceCount failed" straight to
+    fd 2. They are not errors of the bench; Python-level errors still raise as usual."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def time_compiled_decode(s: BenchSetup, ks: tuple[int, ...], repeat: int) -> dict[str, float]:
@@ -326,7 +346,7 @@ def _add_run_facts(result: dict, s: BenchSetup, ks, dtypes, compile, repeat, hei
     result.update(
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtypes[0], dtypes=list(dtypes), compile=compile,
-        height=height, width=width, repeat=repeat, allocator=allocator_setting(),
+        height=height, width=width, repeat=repeat, allocator=allocator_setting(), cpu=cpu_facts(), kernels=kernel_facts(),
     )
 
 
@@ -336,6 +356,7 @@ def format_bench(result: dict) -> str:
         f"device {result['device']}, torch {result['torch']}, {result['threads']} threads, {result['dtype']}, "
         f"{'compiled' if result['compile'] else 'eager'}, {result['height']}x{result['width']}, median of {result['repeat']}, "
         f"malloc {result.get('allocator', {}).get('malloc', 'default')}",
+        format_machine(result),
         f"SPD encode {spd['encode_ms']:.1f} ms ({result['macs']['encode'] / 1e9:.2f} GMACs); "
         f"baseline DAv2-S total {base['total_ms']:.1f} ms at {base['input_size'][0]}x{base['input_size'][1]} "
         f"({result['macs']['baseline'] / 1e9:.2f} GMACs)",

@@ -7,11 +7,15 @@ import argparse
 import os
 import sys
 
-from spd.allocator import tune_cpu_allocator
+from spd.allocator import requested_setting, tune_cpu_allocator
 from spd.cli import bench, data, demo, evaluate, export, loadcheck, params, predict, serve, synth, train
 from spd.errors import SPDError
+from spd.versions import require_supported_versions
 
 COMMANDS = (params, train, evaluate, predict, export, serve, loadcheck, demo, bench, synth, data)  # `spd --help` order
+# The commands that run a model for answers: glibc's malloc is tuned for them (spd.allocator), never
+# for training or the data tools (DataLoader workers would inherit it and each keep its freed memory).
+INFERENCE_COMMANDS = {"predict", "eval", "bench", "serve", "export"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,11 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("SPD_DEBUG") == "1"
     command = args.command + (f" {args.data_command}" if getattr(args, "data_command", None) else "")
 
-    def tuned_command() -> int:
-        tune_cpu_allocator()  # freed memory kept for the next call (spd.allocator; SPD_MALLOC=default skips)
+    def run_command() -> int:
+        require_supported_versions()  # a too-old torchvision: one line naming it, not an AttributeError mid-run
+        requested_setting()  # a typo in SPD_MALLOC is refused by every command
+        if args.command in INFERENCE_COMMANDS:
+            tune_cpu_allocator()  # freed memory kept for the next call (SPD_MALLOC=default skips)
         return args.func(args)
 
-    return run_reporting_errors(f"spd {command}", tuned_command, debug)
+    return run_reporting_errors(f"spd {command}", run_command, debug)
 
 
 def run_reporting_errors(name: str, func, debug: bool = False) -> int:

@@ -40,7 +40,9 @@ def export_onnx(
 ) -> Path:
     """Writes `encoder.onnx`, `decoder.onnx` and `manifest.json` for images of height x width pixels.
 
-    Returns the manifest path. `source`: where the model came from (recorded in the manifest).
+    Returns the manifest path. `source`: where the model came from (recorded in the manifest). The
+    graphs are traced on the CPU in eval mode; `model` is left as it was given (device and every
+    module's train / eval mode).
     """
     if dtype != "fp32":
         raise NotImplementedError(f"--dtype {dtype}: only fp32 export is implemented; fp16 graphs are not (yet)")
@@ -50,7 +52,18 @@ def export_onnx(
         raise UserInputError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
+    modes = {module: module.training for module in model.modules()}
+    device = next(model.parameters()).device
+    try:
+        return _export_graphs(model.cpu().eval(), out, height, width, opset, dtype, source)
+    finally:
+        model.to(device)
+        for module, training in modes.items():
+            module.training = training
+
+
+def _export_graphs(model: SPD, out: Path, height: int, width: int, opset: int | None, dtype: str,
+                   source: str | None) -> Path:
     image = torch.zeros(1, 3, height, width)
     encoder, decoder = EncoderGraph(model), DecoderGraph(model, height, width)
     count = 8  # example K; the graph's K is symbolic (any K >= 1)

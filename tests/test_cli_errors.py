@@ -203,3 +203,110 @@ def test_exif_rotated_and_huge_images_give_the_depths_of_the_upright_small_one(m
     scale = np.array([4000 / 640, 3000 / 480])
     huge = predictor.predict(big, (points + 0.5) * scale - 0.5)  # the same scene points
     np.testing.assert_allclose(huge, reference, rtol=0.03)  # within resampling of the resize
+
+
+# --- issue 25: the last tracebacks -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory, synth_root):
+    """Files for the mistakes of issue 25: Latin-1 text files, a decompression bomb, a broken YAML
+    config, a run folder with a corrupted config.yaml, an export with a wrongly typed manifest field."""
+    import json
+
+    from spd.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("mistakes")
+    (root / "latin1_list.txt").write_bytes("sync/rgb_\xe9t\xe9.jpg sync/d.png 518.8\n".encode("latin-1"))
+    own = generate(root / "own", n_train=2, n_test=1, size=(64, 96), holes=False, seed=1, workers=1, progress=False,
+                   sparse=20)
+    first_label = (own / "sparse.yaml").parent / next(
+        line.split()[1] for line in (own / "sparse_train.txt").read_text().splitlines() if line.strip())
+    first_label.write_bytes(b"u,v,depth_m\n1,1,2.0\n# caf\xe9\n")
+    Image.new("1", (14000, 14000)).save(root / "bomb.png")  # 196 M pixels: over PIL's decompression-bomb limit
+    (root / "broken.yaml").write_text("optim: [lr: 3e-4\n")
+    run = root / "corrupt_run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\n')
+    (run / "config.yaml").write_text("batch_size: [\n")
+    (root / "a_file").write_text("not a folder")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = spd.build_model("v15-tiny", warn_random_encoder=False, image_long_side=96)
+    save_model(model, root / "model96")
+    assert main(["export", "--model", str(root / "model96"), "--out", str(root / "onnx")]) == 0
+    bad = root / "bad_manifest"
+    shutil.copytree(root / "onnx", bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "height": "72"}))
+    return root, own
+
+
+def _mistake_cases(root: Path, own: Path, synth: Path, model: str) -> list[tuple[list[str], int, str]]:
+    """(arguments, documented exit code, a word the one line must contain)."""
+    predict = ["predict", "--model", model, "--image", IMAGE, "--points", "1,1"]
+    train = ["train", "--config", "v15_tiny_synth", "--out", str(root / "run"), "--max-steps", "1"]
+    return [
+        (["data", "check", "--root", str(synth), "--filelist", str(root / "latin1_list.txt")], 1, "UTF-8"),
+        (["eval", "--model", model, "--data-root", str(synth), "--filelist", str(root / "latin1_list.txt")], 3, "UTF-8"),
+        (train + ["--data-root", str(own / "sparse.yaml"), "--set", "data.workers=0"], 3, "UTF-8"),
+        (["predict", "--model", model, "--image", str(root / "bomb.png"), "--points", "1,1"], 3, "too large"),
+        (predict + ["--out", str(root / "no_such_dir" / "depth.json")], 2, "does not exist"),
+        (predict + ["--vis", str(root / "no_such_dir" / "overlay.png")], 2, "does not exist"),
+        (["train", "--config", str(root / "broken.yaml"), "--data-root", str(synth), "--out", str(root / "run")], 2,
+         "not valid YAML"),
+        (["train", "--config", "v15_tiny_synth", "--data-root", str(synth), "--out", str(root / "corrupt_run"),
+          "--resume"], 2, "corrupted"),
+        (["serve", "--model", model, "--port", "70000"], 2, "65535"),
+        (["predict", "--backend", "onnx", "--model", str(root / "bad_manifest"), "--image", IMAGE, "--points", "1,1"], 4,
+         "'height'"),
+        (["export", "--model", str(root / "model96"), "--out", str(root / "a_file")], 2, "is a file"),
+        (["eval", "--model", model, "--data-root", str(synth), "--min-depth", "20", "--max-depth", "10"], 2,
+         "--min-depth"),
+        (predict[:-2] + ["--grid", "100000"], 2, "--grid 100000"),
+    ]
+
+
+def test_issue_25_mistakes_end_in_one_line_with_their_exit_code(mistakes, model_dir, synth_root, capsys):
+    root, own = mistakes
+    before = _snapshot(root), _snapshot(synth_root)
+    for args, exit_code, word in _mistake_cases(root, own, synth_root, str(model_dir)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                code = main(args)
+            except SystemExit as exit_:  # argparse's own errors
+                code = exit_.code
+        captured = capsys.readouterr()
+        err = captured.err if exit_code != 1 else captured.out  # data check lists its findings on stdout
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert code == exit_code, f"{args}: exit {code}, {captured.err}"
+        assert "Traceback" not in captured.err, f"{args}: {captured.err}"
+        assert len(lines) <= 1, f"{args}: {captured.err}"
+        assert word in err, f"{args}: {word!r} not in {err!r}"
+    after = _snapshot(root), _snapshot(synth_root)
+    changed = {k for k in set(after[0]) | set(before[0]) if after[0].get(k) != before[0].get(k)}
+    changed |= {k for k in set(after[1]) | set(before[1]) if after[1].get(k) != before[1].get(k)}
+    assert not changed, f"a failing command created or changed {sorted(changed)}"
+
+
+def test_ctrl_c_during_a_re_export_leaves_the_previous_export_whole(mistakes, monkeypatch):
+    from spd.export import onnx_export
+
+    root, _ = mistakes
+    export = root / "onnx"
+    manifest = (export / "manifest.json").read_text()
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:  # the encoder is written, the decoder never is
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = onnx_export._export
+    monkeypatch.setattr(onnx_export, "_export", interrupted)
+    model = spd.load_model(root / "model96")
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(model, export, height=72, width=96)
+    assert (export / "manifest.json").read_text() == manifest
+    assert not (root / ".onnx.partial").exists()
+    spd.OnnxPredictor(export).predict(np.zeros((72, 96, 3), np.uint8), [[5, 5]])  # loads: checksums match

@@ -194,11 +194,11 @@ def test_predictor_converts_to_the_camera_of_the_intrinsics_after_any_resize(tin
     rgb = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     points = [[10, 20], [50.5, 30]]
     f_c = tiny_model.canonical_focal
-    full = Predictor(tiny_model, max_side=None)
+    full = Predictor(tiny_model, long_side=None)
     plain = full.predict(rgb, points)
     np.testing.assert_allclose(full.predict(rgb, points, intrinsics=(2 * f_c, 2 * f_c, 48, 32)), 2 * plain, rtol=1e-6)
     np.testing.assert_allclose(full.predict(rgb, points, intrinsics=(f_c, 3.0, 48, 32)), plain, rtol=1e-6)  # fx decides
-    halved = Predictor(tiny_model, max_side=48)  # the model sees 32 x 48: fx on its image is half the user's
+    halved = Predictor(tiny_model, long_side=48)  # the model sees 32 x 48: fx on its image is half the user's
     np.testing.assert_allclose(halved.predict(rgb, points, intrinsics=(2 * f_c, 2 * f_c, 48, 32)), halved.predict(rgb, points),
                                rtol=1e-6)
     xyz = full.predict_points3d(rgb, points, (2 * f_c, 2 * f_c, 48, 32))

@@ -104,6 +104,13 @@ BAD_REQUESTS = [
      400, "not valid JSON"),
     ("oversized upload", lambda c, i: c.post("/v1/encode", files={"image": ("big.png", b"0" * 3000, "image/png")}),
      413, "exceeds the limit"),
+    ("points nested 100,000 deep", lambda c, i: c.post(
+        "/v1/depth", content=b'{"points": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        headers={"content-type": "application/json"}), 400, "nested too deeply"),
+    ("form points nested 100,000 deep", lambda c, i: c.post(
+        "/v1/depth", files=_upload(), data={"points": "[" * 100_000 + "]" * 100_000}), 400, "nested too deeply"),
+    ("intrinsics out of range", lambda c, i: c.post(
+        "/v1/depth", json={"image_id": i, "points": [[1, 1]], "intrinsics": [1e41, 1e41, 320, 240]}), 400, "not finite"),
 ]
 
 

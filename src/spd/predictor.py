@@ -6,8 +6,9 @@
     feats = p.encode(image); p.decode(feats, points_a); p.decode(feats, points_b)
 
 Points are (u, v) = (column, row) pixels of *your* image, integers at pixel centres; valid points
-satisfy -0.5 <= u <= W - 0.5 and -0.5 <= v <= H - 0.5. Preprocessing (RGB conversion, ImageNet
-normalisation, padding to a multiple of 32) happens inside.
+satisfy -0.5 <= u <= W - 0.5 and -0.5 <= v <= H - 0.5. Preprocessing (RGB conversion, resizing to
+the model's pixel scale (`spd.cameras.scale`), ImageNet normalisation, padding to a multiple of 32)
+happens inside, so the same scene point gets the same depth whatever size you give the image at.
 
 Depth is for the model's canonical camera (`spd.camera`) unless you give the camera's intrinsics
 (fx, fy, cx, cy) in your image's pixels: `p.predict(image, points, intrinsics=(fx, fy, cx, cy))`
@@ -32,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from spd.cameras.canonical import canonical_focal_of, prediction_to_metric
+from spd.cameras.scale import long_side_of, scaled_size, to_model_pixels
 from spd.chunked import K_BUCKETS, decode_in_chunks
 from spd.data.io import read_rgb
 from spd.data.transforms import normalize_image
@@ -136,10 +138,11 @@ class Predictor:
         compile: decode through `torch.compile(fullgraph=True)` (CUDA graphs on CUDA), each chunk
             padded to a K bucket (`spd.chunked.K_BUCKETS`) so only a few shapes ever compile.
         buckets: override the K buckets (None: K_BUCKETS when compiling, exact sizes otherwise).
-        max_side: images whose long side is larger are resized to it before encoding (the model was
-            trained on 480x640 frames; a 4000x3000 photo at full size costs ~70x the time and memory
-            for no gain). Points stay in the user's pixels: they are mapped onto the resized image.
-            None: never resize.
+        long_side: every image is resized to this long side before encoding; "model" (default): the
+            model's pixel scale, the long side of its training frames (`spd.cameras.scale`: metric
+            depth depends on it; a 4000x3000 photo at full size would also cost ~70x the time).
+            Points and intrinsics stay in the user's pixels: they are mapped onto the resized image.
+            None: never resize (the caller has sized the image).
     """
 
     def __init__(
@@ -151,7 +154,7 @@ class Predictor:
         dtype: Literal["fp32", "bf16"] = "fp32",
         compile: bool = False,
         buckets: tuple[int, ...] | None = None,
-        max_side: int | None = 640,
+        long_side: int | None | Literal["model"] = "model",
     ):
         if dtype not in ("fp32", "bf16"):
             raise UserInputError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
@@ -169,9 +172,11 @@ class Predictor:
         if buckets is None and compile:
             buckets = tuple(b for b in K_BUCKETS if b < chunk_size) + (chunk_size,)
         self.buckets = buckets
-        if max_side is not None and max_side < 32:
-            raise UserInputError(f"max_side must be at least 32 pixels, got {max_side}")
-        self.max_side = max_side
+        if long_side == "model":
+            long_side = long_side_of(model)
+        if long_side is not None and long_side < 32:
+            raise UserInputError(f"long_side must be at least 32 pixels, got {long_side}")
+        self.long_side = long_side
         self.canonical_focal = canonical_focal_of(model)
 
     def _autocast(self):
@@ -196,12 +201,10 @@ class Predictor:
         return ImageFeatures(self._encode_tensor(tensor), height, width, scale)
 
     def _model_image(self, rgb: np.ndarray) -> np.ndarray:
-        """The (h, w, 3) uint8 image the model sees: `rgb`, or resized to `max_side`."""
+        """The (h, w, 3) uint8 image the model sees: `rgb` resized to `long_side` (the model's scale)."""
         height, width = rgb.shape[:2]
-        if self.max_side is None or max(height, width) <= self.max_side:
-            return rgb
-        factor = self.max_side / max(height, width)
-        return resize_rgb(rgb, max(1, round(height * factor)), max(1, round(width * factor)))
+        new_h, new_w = scaled_size(height, width, self.long_side)
+        return rgb if (new_h, new_w) == (height, width) else resize_rgb(rgb, new_h, new_w)
 
     def _encode_tensor(self, tensor: torch.Tensor):
         """(1, 3, h, w) normalised -> the model's features."""
@@ -215,9 +218,7 @@ class Predictor:
         queries = check_points(points, features.height, features.width)  # validated once, in the user's pixels
         if intrinsics is not None:
             intrinsics = checked_intrinsics(intrinsics, "intrinsics")
-        if features.scale != (1.0, 1.0):  # pixel centres map onto pixel centres of the resized image
-            queries = ((queries + 0.5) * torch.tensor(features.scale) - 0.5).clamp_min(-0.5)
-        queries = queries.to(self.device)
+        queries = to_model_pixels(queries, features.scale).to(self.device)
         with self._autocast():
             depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed,
                                      buckets=self.buckets, decode=self._decode)

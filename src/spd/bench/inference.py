@@ -448,7 +448,8 @@ def save_plot(result: dict, path: str | Path) -> None:
     ax.set_ylabel("time [ms]")
     ax.set_title(f"{result['height']}x{result['width']}, {result['device']}, {result['dtype']}, "
                  f"{'compiled' if result['compile'] else 'eager'}", fontsize=9)
-    ax.legend()
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)  # beside: no curve hidden
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

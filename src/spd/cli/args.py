@@ -73,6 +73,37 @@ def device(text: str) -> str:
     return text
 
 
+def port(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    value = int_at_least(1, text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {text!r}")
+    return value
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """Before any work: a file the command will write must have an existing folder and not be a folder
+    itself (UserInputError naming the flag), so that minutes of work are not lost at the end."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from spd.errors import UserInputError
+
+    target = Path(path)
+    if target.is_dir():
+        raise UserInputError(f"{flag} {path}: is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise UserInputError(f"{flag} {path}: folder {target.parent} does not exist (create it first)")
+
+
+def check_depth_range(min_depth: float, max_depth: float) -> None:
+    from spd.errors import UserInputError
+
+    if not min_depth < max_depth:
+        raise UserInputError(f"--min-depth {min_depth:g} must be below --max-depth {max_depth:g}")
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 

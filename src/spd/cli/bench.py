@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spd.cli.args import add_device, k_list, positive_int
+from spd.cli.args import add_device, check_output_file, k_list, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from spd.bench.inference import format_bench, run_bench, save_plot, write_json
 
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
     ks, compile_ks = args.k, args.compile_decode or ()
     result = run_bench(args.height, args.width, ks, args.device, tuple(args.dtype.split(",")), args.compile, args.repeat,
                        args.baseline_input, compile_ks, not args.no_train_step, args.backend == "onnx")

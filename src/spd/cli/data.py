@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spd.cli.args import positive_float
+from spd.cli.args import check_depth_range, positive_float
 from spd.errors import UserInputError
 
 
@@ -26,6 +26,7 @@ def run_check(args: argparse.Namespace) -> int:
     from spd.data.check import check_dataset, check_description
     from spd.errors import DataLayoutError
 
+    check_depth_range(args.min_depth, args.max_depth)
     if args.dataset is not None:
         if not Path(args.dataset).is_file():
             raise DataLayoutError(f"--dataset {args.dataset}: not found")

@@ -6,7 +6,8 @@ import argparse
 import json
 import math
 
-from spd.cli.args import add_device, add_inference_dtype, non_negative_int, positive_float, positive_int
+from spd.cli.args import (add_device, add_inference_dtype, check_depth_range, check_output_file, non_negative_int,
+                          positive_float, positive_int)
 from spd.cli.models import load_any_model, weights_sha256
 from spd.errors import UserInputError
 
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     from spd.metrics import format_metrics
     from spd.models.precision import low_precision_copy
 
+    check_output_file(args.out, "--out")
+    check_depth_range(args.min_depth, args.max_depth)
     dataset, filelist = _test_dataset(args)
     model = load_any_model(args.model, args.device)
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from spd.cli.args import positive_float, positive_int
+from spd.cli.args import check_output_file, positive_float, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from spd.serve.loadcheck import run_loadcheck
 
+    check_output_file(args.json, "--json")
     serve_args = ["--dtype", args.dtype, "--backend", args.backend]
     result = run_loadcheck(args.model, args.clients, args.seconds, args.points, args.images, args.cache_mb,
                            serve_args=serve_args)

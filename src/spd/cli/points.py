@@ -27,6 +27,9 @@ def read_points(args: argparse.Namespace, height: int, width: int):
         return read_points_file(args.points_file)
     from spd.predictor import grid_points
 
+    if args.grid > min(height, width):
+        raise UserInputError(f"--grid {args.grid}: at most one point per pixel row and column, so at most "
+                             f"{min(height, width)} for this {width}x{height} image")
     return grid_points(args.grid, height, width)
 
 

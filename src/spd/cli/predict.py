@@ -6,7 +6,7 @@ import argparse
 import csv
 import json
 
-from spd.cli.args import add_device, add_inference_dtype, non_negative_int, positive_int
+from spd.cli.args import add_device, add_inference_dtype, check_output_file, non_negative_int, positive_int
 from spd.cli.models import load_any_model
 from spd.cli.points import read_points
 from spd.errors import UserInputError
@@ -27,10 +27,11 @@ def add_parser(subparsers) -> None:
                         "(without it: the model's canonical camera, fx = its canonical_focal) and camera-frame X, Y, Z [m]")
     add_device(p)
     add_inference_dtype(p)
-    p.add_argument("--max-side", type=non_negative_int, default=640,
-                   help="resize images whose long side is larger to this before the model (points stay in your "
-                        "pixels; default 640, the training frames' long side; 0 = never). With --backend onnx an "
-                        "image is resized to the exported size when its aspect ratio matches; 0 = never)")
+    p.add_argument("--long-side", "--max-side", dest="long_side", type=non_negative_int, default=None,
+                   help="resize every image to this long side before the model (points and intrinsics stay in your "
+                        "pixels; default: the model's pixel scale, the long side of its training frames; 0 = never). "
+                        "With --backend onnx an image is resized to the exported size when its aspect ratio "
+                        "matches; 0 = never")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="torch: a model folder; onnx: an `spd export` folder on ONNX Runtime (default torch)")
     p.set_defaults(func=run)
@@ -44,8 +45,9 @@ def _predictor(args: argparse.Namespace):
             raise UserInputError("--backend onnx runs the exported graphs' own dtype: drop --dtype")
         from spd.export.runtime import OnnxPredictor
 
-        return OnnxPredictor(args.model, resize=bool(args.max_side))  # --max-side 0: never resize
-    return Predictor(load_any_model(args.model, args.device), args.device, dtype=args.dtype, max_side=args.max_side or None)
+        return OnnxPredictor(args.model, resize=args.long_side != 0)  # --long-side 0: never resize
+    long_side = "model" if args.long_side is None else (args.long_side or None)
+    return Predictor(load_any_model(args.model, args.device), args.device, dtype=args.dtype, long_side=long_side)
 
 
 def _rows(points, depth, intrinsics) -> list[dict]:
@@ -82,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     from spd.cameras.intrinsics import read_intrinsics
     from spd.predictor import check_points, image_to_uint8
 
+    check_output_file(args.out, "--out")
+    check_output_file(args.vis, "--vis")
     intrinsics = read_intrinsics(args.intrinsics) if args.intrinsics else None
     rgb = image_to_uint8(args.image)
     points = read_points(args, *rgb.shape[:2])

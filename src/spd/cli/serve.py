@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spd.cli.args import add_device, add_inference_dtype, positive_float, positive_int
+from spd.cli.args import add_device, add_inference_dtype, port, positive_float, positive_int
 from spd.cli.models import load_any_model
 from spd.errors import UserInputError
 
@@ -13,7 +13,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("serve", help="HTTP service: encode once, depth at many points; a click-for-depth page at /")
     p.add_argument("--model", required=True, help="model folder or Hub id (an `spd export` folder with --backend onnx)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port (default 8000)")
     add_device(p)
     add_inference_dtype(p)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (ONNX Runtime)")

@@ -42,6 +42,9 @@ class ModelConfig:
     canvas_head_dim: int = 64  # canvas L2 -> x2 -> Conv3x3(d->64) -> Conv1x1(64->1)
     # --- camera (DESIGN §9, spd/camera.py) -----------------------------------------------------
     canonical_focal: float = 518.8579  # px: the model predicts depth as seen with this fx (NYU's)
+    # Pixel scale (spd/cameras/scale.py): long side of the frames the model was trained at; every
+    # image is resized to it before the model. `spd train` writes it; None = unknown, read as 640.
+    image_long_side: int | None = None
     # --- ablation flags (DESIGN §8, the plan's §10.5) ------------------------------------------
     l3_dim: int | None = None  # None = native (384); 256 = project L3 in the neck ("L3 at 256")
     global_projection: bool = False  # v14-style: L3/L4 projected to d in the neck, identity V maps
@@ -69,7 +72,8 @@ class ModelConfig:
             "head_init_depth", "canvas_head_dim", "canonical_focal",
         )
     } | {"n_msda_layers": (non_negative, ">= 0"), "n_global_layers": (non_negative, ">= 0"),
-         "l4_self_attn_layers": (non_negative, ">= 0"), "l3_dim": (optional(positive), "null or > 0")}
+         "l4_self_attn_layers": (non_negative, ">= 0"), "l3_dim": (optional(positive), "null or > 0"),
+         "image_long_side": (optional(positive), "null or > 0")}
 
     def __post_init__(self) -> None:
         check_config(self, "model.")

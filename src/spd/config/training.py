@@ -181,13 +181,21 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainC
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path}: cannot read it as UTF-8 text ({err})") from None
     else:
         resource = resources.files("spd.config.recipes").joinpath(f"{name_or_path}.yaml")
         if not resource.is_file():
             raise ConfigError(f"unknown config {name_or_path!r}; bundled configs: {named_configs()} (or pass a .yaml path)")
         text = resource.read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {name_or_path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {name_or_path}: expected a mapping of settings, got {type(data).__name__}")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")

@@ -22,6 +22,9 @@ class CheckReport:
     depth_min: float = float("inf")
     depth_max: float = 0.0
     depth_medians: list[float] = field(default_factory=list)
+    label_medians: list[float] = field(default_factory=list)  # every label > 0 of a frame, before the range filter
+    labels_in_range: int = 0  # labels (pixels or points) inside (min_depth, max_depth]
+    labels_total: int = 0
 
     @property
     def ok(self) -> bool:
@@ -36,10 +39,44 @@ class CheckReport:
                 f"valid depth [m]: min {self.depth_min:.3f}, median of medians {np.median(self.depth_medians):.3f}, "
                 f"max {self.depth_max:.3f}"
             )
+        if self.label_medians:
+            lines.append(f"labels [m]: median of medians {np.median(self.label_medians):.3f} over "
+                         f"{len(self.label_medians)} labelled frames; {self.labels_in_range / max(self.labels_total, 1):.1%} "
+                         "of labels inside the valid range")
         lines += [f"WARNING {w}" for w in self.warnings]
         lines += [f"ERROR {e}" for e in self.errors]
         lines.append("OK" if self.ok else f"{len(self.errors)} error(s)")
         return "\n".join(lines)
+
+
+PLAUSIBLE_MEDIAN_M = (0.05, 100.0)  # a scene's median depth outside this is a unit mistake, not a scene
+
+
+def label_values(depth: np.ndarray | None, points: np.ndarray | None) -> np.ndarray:
+    """A frame's labels in metres: its depth map's pixels > 0 (finite), or its points' depths."""
+    values = depth[depth > 0] if depth is not None else np.asarray(points)[:, 2]
+    return values[np.isfinite(values) & (values > 0)]
+
+
+def add_labels(report: CheckReport, values: np.ndarray, min_depth: float, max_depth: float) -> None:
+    """Counts one frame's labels (metres) into the report's unit statistics."""
+    report.labels_total += int(values.size)
+    report.labels_in_range += int(((values > min_depth) & (values <= max_depth)).sum())
+    if values.size:
+        report.label_medians.append(float(np.median(values)))
+
+
+def label_unit_problem(report: CheckReport, units: str, min_depth: float, max_depth: float) -> str | None:
+    """Why the labels look like the wrong unit (`units` says how they were read), or None."""
+    if report.labels_in_range == 0:
+        seen = f" (median {np.median(report.label_medians):.4g} m)" if report.label_medians else ""
+        return f"no label lies in ({min_depth}, {max_depth}] m{seen}: check {units}"
+    median = float(np.median(report.label_medians))
+    low, high = PLAUSIBLE_MEDIAN_M
+    if not low <= median <= high:
+        return (f"the labels' median depth is {median:.4g} m, implausible for a scene (expected {low} to {high} m): "
+                f"check {units}")
+    return None
 
 
 def check_dataset(
@@ -80,6 +117,7 @@ def check_dataset(
         report.sizes[f"{size[0]}x{size[1]}"] += 1
         valid = (depth > min_depth) & (depth <= max_depth)
         report.valid_fractions.append(float(valid.mean()))
+        add_labels(report, label_values(depth, None), min_depth, max_depth)
         if not valid.any():
             report.warnings.append(f"{entry.depth}: no valid depth in ({min_depth}, {max_depth}] m")
             continue
@@ -92,7 +130,15 @@ def check_dataset(
         for path, size in frame_sizes.items():
             if size != common:
                 report.errors.append(f"{path}: frame is {size[0]}x{size[1]}, the rest of the set is {common[0]}x{common[1]}")
+    _add_unit_problem(report, "the depth PNGs' unit (they are read as millimetres, value / 1000)", min_depth, max_depth)
     return report
+
+
+def _add_unit_problem(report: CheckReport, units: str, min_depth: float, max_depth: float) -> None:
+    if report.valid_fractions:  # some frame was read: its labels say something about their unit
+        problem = label_unit_problem(report, units, min_depth, max_depth)
+        if problem is not None:
+            report.errors.append(problem)
 
 
 def check_description(path: str | Path, min_depth: float = 1e-3, max_depth: float = 10.0, progress: bool = True) -> CheckReport:
@@ -119,6 +165,7 @@ def check_description(path: str | Path, min_depth: float = 1e-3, max_depth: floa
             report.errors.append(f"{frame.where}: {err}")
             continue
         report.sizes[f"{rgb.shape[1]}x{rgb.shape[0]}"] += 1
+        add_labels(report, label_values(depth, points), min_depth, max_depth)
         values = depth[depth > 0] if depth is not None else points[:, 2]
         labelled = (depth > 0).mean() if depth is not None else len(points) / (rgb.shape[0] * rgb.shape[1])
         in_range = values[(values > min_depth) & (values <= max_depth)]
@@ -129,4 +176,23 @@ def check_description(path: str | Path, min_depth: float = 1e-3, max_depth: floa
         report.depth_min = min(report.depth_min, float(in_range.min()))
         report.depth_max = max(report.depth_max, float(in_range.max()))
         report.depth_medians.append(float(np.median(in_range)))
+    _add_unit_problem(report, f"depth_scale ({description.depth_scale:g} label PNG units per metre in {path}; "
+                              "millimetre PNGs need 1000)", min_depth, max_depth)
     return report
+
+
+def check_training_labels(dataset, min_depth: float, max_depth: float, count: int = 8) -> None:
+    """The unit check of `spd data check` on `count` frames spread over a training set (each part of a
+    mixed one): DataLayoutError naming the likely cause, before the first step."""
+    from spd.errors import DataLayoutError
+
+    for part in getattr(dataset, "parts", [dataset]):
+        report = CheckReport(entries=len(part))
+        for index in np.linspace(0, len(part) - 1, min(count, len(part))).round().astype(int):
+            rgb, depth, _, _, where, *rest = part.load(int(index))
+            add_labels(report, label_values(depth, rest[0] if rest else None), min_depth, max_depth)
+        units = (f"depth_scale ({part.description.depth_scale:g}) in {part.description.source}"
+                 if hasattr(part, "description") else "the depth PNGs' unit (read as millimetres)")
+        problem = label_unit_problem(report, units, min_depth, max_depth)
+        if problem is not None:
+            raise DataLayoutError(f"training labels, {len(report.label_medians)} frames sampled: {problem}")

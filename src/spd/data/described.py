@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from spd.data.io import DataError, parse_number_rows, read_depth_png, read_rgb
+from spd.data.io import DataError, parse_number_rows, read_depth_png, read_rgb, read_text
 from spd.data.nyu import DepthDataset, Split
 from spd.errors import ConfigError, DataLayoutError, UserInputError
 from spd.cameras.intrinsics import checked_intrinsics
@@ -77,7 +77,7 @@ def read_description(path: str | Path) -> DatasetDescription:
     if not source.is_file():
         raise DataLayoutError(f"{source}: dataset description not found")
     try:
-        data = yaml.safe_load(source.read_text())
+        data = yaml.safe_load(read_text(source))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{source}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
     if not isinstance(data, dict):
@@ -91,8 +91,8 @@ def read_description(path: str | Path) -> DatasetDescription:
     if not root.is_dir():
         raise DataLayoutError(f"{source}: root {root} is not a folder")
     depth_scale = data.get("depth_scale", 1000.0)
-    if isinstance(depth_scale, bool) or not isinstance(depth_scale, (int, float)) or not depth_scale > 0:
-        raise ConfigError(f"{source}: depth_scale must be a number > 0 (label PNG units per metre), got {depth_scale!r}")
+    if isinstance(depth_scale, bool) or not isinstance(depth_scale, (int, float)) or not 0 < depth_scale < float("inf"):
+        raise ConfigError(f"{source}: depth_scale must be a finite number > 0 (label PNG units per metre), got {depth_scale!r}")
     default = _intrinsics(data["intrinsics"], f"{source}: intrinsics") if data.get("intrinsics") is not None else None
     list_path = root / str(data["list"])
     frames = tuple(_read_list(list_path, root, default))
@@ -106,7 +106,7 @@ def _read_list(list_path: Path, root: Path, default) -> list[LabelledFrame]:
     if not list_path.is_file():
         raise DataLayoutError(f"{list_path}: sample list not found")
     frames = []
-    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(list_path).splitlines(), start=1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
             continue
@@ -153,7 +153,7 @@ def _checked_dense(depth: np.ndarray, path: Path, image_hw) -> np.ndarray:
 
 
 def _read_csv(path: Path) -> np.ndarray:
-    lines = path.read_text().splitlines()
+    lines = read_text(path).splitlines()
     rows, bad = parse_number_rows(lines, 3)
     if bad is not None:
         raise DataError(path, f"line {bad} is not 'u,v,depth_m': {lines[bad - 1].strip()!r}")

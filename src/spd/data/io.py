@@ -22,12 +22,29 @@ class DataError(DataLayoutError):
         self.problem = problem
 
 
+def read_text(path: str | Path) -> str:
+    """A text file (split list, label CSV, description) as str; DataError naming the file when it is
+    missing, unreadable or not UTF-8 (e.g. saved as Latin-1 by a spreadsheet)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); save it "
+                              "as UTF-8") from None
+    except OSError as err:
+        raise DataError(path, f"cannot read it ({err.strerror})") from None
+
+
 def _open(path: Path) -> Image.Image:
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
         image = Image.open(path)
         image.load()  # decode now: a truncated file fails here, not later in a worker
+    except Image.DecompressionBombError as err:
+        raise DataError(path, f"image too large to decode safely ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DataError(path, f"unreadable or truncated image ({err})") from err
     return image

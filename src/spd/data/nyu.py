@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from spd.data.io import NYU_FOCAL, DataError, read_depth_png, read_rgb
+from spd.data.io import NYU_FOCAL, DataError, read_depth_png, read_rgb, read_text
 from spd.data.queries import CropName, sample_eval_queries, sample_uniform_queries
 from spd.data.transforms import (
     NYU_BTS_BOX, NYU_FRAME_SIZE, apply, crop_box, random_zoom, rasterise_points, test_transform, train_transform,
@@ -63,7 +63,7 @@ def read_filelist(root: str | Path, filelist: str | Path) -> list[SplitEntry]:
     if not filelist.is_file():
         raise DataError(filelist, "split list not found")
     entries = []
-    for number, line in enumerate(filelist.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(filelist).splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from spd.cameras.canonical import canonical_focal_of, prediction_to_metric
+from spd.cameras.scale import long_side_of, resize_for_model, to_model_pixels
 from spd.chunked import decode_in_chunks
 from spd.data.queries import crop_mask, eval_seed
 from spd.metrics import MetricAccumulator, depth_metrics
@@ -50,32 +51,36 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], MetricAccumulator]:
-    """Mean metrics over the dataset's images, in metres: predictions are converted from the model's
-    canonical camera by each sample's `focal` (spd.camera). The dataset yields `image`, `depth`, `valid`, `id`;
+    """Mean metrics over the dataset's images, in metres: each image is resized to the model's pixel
+    scale (`spd.cameras.scale`; the points and focal length with it) and predictions are converted
+    from the model's canonical camera by each sample's `focal` (spd.cameras.canonical). The dataset yields `image`, `depth`, `valid`, `id`;
     for the sparse protocol it must also yield the fixed-seed `queries` / `query_mask`."""
     from tqdm import tqdm
 
     count = len(dataset) if limit is None else min(limit, len(dataset))
     indices = range(rank, count, world_size)
     accumulator = MetricAccumulator()
-    canonical_focal = canonical_focal_of(model)
+    canonical_focal, long_side = canonical_focal_of(model), long_side_of(model)
     for index in tqdm(indices, desc=f"eval ({protocol})", disable=not progress or rank != 0):
         sample = dataset[index]
-        image = sample["image"][None].to(device)
+        image, scale = resize_for_model(sample["image"][None], long_side)  # the model's pixel scale (spd.cameras.scale)
         gt = sample["depth"][0]
-        features = model.encode(image)
+        features = model.encode(image.to(device))
         focal = sample.get("focal")
+        if focal is not None:
+            focal = focal * scale[0]  # fx on the image the model saw
         if protocol == "sparse":
             queries, mask = sample["queries"], sample["query_mask"]
-            pred = model.decode(features, queries[None].to(device), mask[None].to(device))[0].cpu()
+            seen = to_model_pixels(queries, scale)[None].to(device)
+            pred = model.decode(features, seen, mask[None].to(device))[0].cpu()
             pred = prediction_to_metric(pred, focal, canonical_focal)
             u, v = queries[mask].long().unbind(-1)
             metrics = depth_metrics(pred[mask], gt[v, u], min_depth=min_depth, max_depth=max_depth)
         else:
             region = (gt > min_depth) & (gt < max_depth) & crop_mask(*gt.shape, crop)
             queries = dense_query_order(region, seed, sample["id"])
-            pred = prediction_to_metric(decode_in_chunks(model, features, queries.to(device), chunk).cpu(), focal,
-                                        canonical_focal)
+            seen = to_model_pixels(queries, scale).to(device)
+            pred = prediction_to_metric(decode_in_chunks(model, features, seen, chunk).cpu(), focal, canonical_focal)
             u, v = queries.long().unbind(-1)
             metrics = depth_metrics(pred, gt[v, u], min_depth=min_depth, max_depth=max_depth)
         accumulator.update(metrics)

@@ -44,10 +44,20 @@ class RunFolderGuard:
     the same folder fails at once), no silent restart over an existing run, and a resume only with a
     config that keeps the run exact (the safe changes are RESUMABLE_CHANGES)."""
 
+    RUN_FILES = ("metrics.jsonl", "config.yaml", "first_step_grads.safetensors")  # beside checkpoints/ and tb/
+
     def __init__(self, run_dir: Path, config: dict, resume: bool, overwrite: bool) -> None:
+        if resume and overwrite:
+            raise RunFolderError("--resume continues a run and --overwrite deletes it: give one of them")
         if self._holds_run(run_dir) and not (resume or overwrite):  # refuse before touching the folder
             raise RunFolderError(f"{run_dir} already holds a run: pass --resume to continue it, or --overwrite "
                                  "to delete it and start afresh")
+        if resume and self._foreign(run_dir):
+            raise RunFolderError(f"--resume {run_dir}: not a run folder (no checkpoints/last, metrics.jsonl or "
+                                 "config.yaml, but other files): give the run's folder, or an empty or new one")
+        saved = self._saved_config(run_dir) if resume and self._holds_run(run_dir) else None  # readable, or refused now
+        self._run_dir, self._created_dir = run_dir, not run_dir.exists()
+        self._created_lock = not (run_dir / ".lock").exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / ".lock", "a+")
         try:
@@ -63,16 +73,44 @@ class RunFolderGuard:
         self._file.flush()
         existing = self._holds_run(run_dir)
         if existing and not resume:  # --overwrite
-            for name in ("checkpoints", "tb"):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "config.yaml", "first_step_grads.safetensors"):
-                (run_dir / name).unlink(missing_ok=True)
-        if existing and resume and (run_dir / "config.yaml").is_file():
-            self._check_resumable(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, config, run_dir)
+            self.clear(run_dir)
+        if existing and resume and saved is not None:
+            self._check_resumable(saved, config, run_dir)
 
     @staticmethod
     def _holds_run(run_dir: Path) -> bool:
         return (run_dir / "checkpoints" / "last").exists() or (run_dir / "metrics.jsonl").exists()
+
+    @staticmethod
+    def _saved_config(run_dir: Path) -> dict | None:
+        """The run's config.yaml (None when it has none); RunFolderError when it is not readable YAML."""
+        path = run_dir / "config.yaml"
+        if not path.is_file():
+            return None
+        try:
+            saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            saved = err
+        if not isinstance(saved, dict):
+            raise RunFolderError(f"--resume: {path} is corrupted ({' '.join(str(saved).split())[:120]}): the run cannot "
+                                 "be continued exactly; --overwrite starts it afresh")
+        return saved
+
+    @classmethod
+    def _foreign(cls, run_dir: Path) -> bool:
+        """A folder with files, none of them a run's: resuming "into" it would start a run among them."""
+        if not run_dir.is_dir():
+            return False
+        names = {p.name for p in run_dir.iterdir()} - {".lock"}
+        return bool(names) and not (names & {"checkpoints", "tb", *cls.RUN_FILES})
+
+    @classmethod
+    def clear(cls, run_dir: Path) -> None:
+        """Deletes what a run writes (checkpoints, TensorBoard logs, metrics, config); keeps anything else."""
+        for name in ("checkpoints", "tb"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in cls.RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
 
     def _check_resumable(self, saved: dict, requested: dict, run_dir: Path) -> None:
         changed = [k for k in sorted(set(_flatten(saved)) | set(_flatten(requested)))
@@ -84,10 +122,16 @@ class RunFolderGuard:
                                  f"{' ...' if len(changed) > 4 else ''}; resuming would not continue the same run "
                                  f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
 
-    def release(self) -> None:
+    def release(self, tidy: bool = False) -> None:
+        """Unlocks the folder; `tidy` (a run that failed before any checkpoint) also removes the lock
+        file and the folder when this guard created them and nothing else is left in it."""
         if not self._file.closed:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
+        if tidy and self._created_lock:
+            (self._run_dir / ".lock").unlink(missing_ok=True)
+            if self._created_dir and not any(self._run_dir.iterdir()):
+                self._run_dir.rmdir()
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

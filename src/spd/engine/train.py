@@ -9,6 +9,8 @@ epochs, validation, checkpoints), `data_setup.py` (datasets, epoch order) and `r
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from spd.data.check import check_training_labels
 from spd.engine import distributed as dist_utils
 from spd.engine.checkpoint import find_resumable, load_checkpoint_weights, load_training_state, set_rng_state
 from spd.engine.data_setup import EpochPlan, resolve_data
@@ -46,8 +49,9 @@ def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
 
 
 # May differ in --init-from: where the encoder's first weights came from, exact speed knobs, and the
-# canonical camera (the run's config says which camera the fine-tuned model learns; spd.camera).
-ARCHITECTURE_INDEPENDENT = {"encoder_weights", "encoder_fast", "decoder_fast", "ldrm_fast", "canonical_focal"}
+# canonical camera and pixel scale (the run says which camera and scale the fine-tuned model learns).
+ARCHITECTURE_INDEPENDENT = {"encoder_weights", "encoder_fast", "decoder_fast", "ldrm_fast", "canonical_focal",
+                            "image_long_side"}
 
 
 def init_weights_from(model: torch.nn.Module, folder: str) -> dict:
@@ -70,6 +74,17 @@ def init_weights_from(model: torch.nn.Module, folder: str) -> dict:
     return {"folder": str(folder), "weights_sha256": read_config_dict(resolve_model_folder(folder)).get(WEIGHTS_SHA256)}
 
 
+def record_pixel_scale(model: torch.nn.Module, train_set) -> None:
+    """An SPD model without an explicit `image_long_side` records its training frames' long side, so
+    that every later use feeds images at this pixel scale (spd.cameras.scale). Read from the first
+    training frame (mixed sets share one size); a crop does not change the pixel scale."""
+    if not isinstance(model, SPD) or model.config.image_long_side is not None:
+        return
+    first = train_set.parts[0] if hasattr(train_set, "parts") else train_set
+    height, width = first.load(0)[0].shape[:2]
+    model.config = dataclasses.replace(model.config, image_long_side=max(height, width))
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the model's groups. Fused: it skips a non-finite step on the device (`found_inf`)
     and keeps its step counts on the device, so an optimiser step never syncs with the host."""
@@ -79,6 +94,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 def build_session(cfg: TrainConfig, data_root: str | Path, run_dir: Path, info: dist_utils.DistInfo) -> Session:
     """Seeds, model, data, optimiser, schedule and the run folder's logger, wired together."""
+    train_set, val_set = resolve_data(cfg, data_root)
+    check_training_labels(train_set, cfg.data.min_depth, cfg.data.max_depth)  # a unit mistake: refused before step 1
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     random.seed(cfg.seed)
@@ -86,7 +103,7 @@ def build_session(cfg: TrainConfig, data_root: str | Path, run_dir: Path, info: 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_training_model(cfg).to(info.device)
     source = init_weights_from(model, cfg.init_from) if cfg.init_from is not None else None  # before the folder is touched
-    train_set, val_set = resolve_data(cfg, data_root)
+    record_pixel_scale(model, train_set)
     epochs = EpochPlan(train_set, cfg, info)
     total_steps = cfg.max_steps or cfg.epochs * epochs.steps_per_epoch
     net = DistributedDataParallel(model) if info.distributed else model
@@ -135,18 +152,41 @@ def resume_state(session: Session, resume: bool) -> TrainState:
 def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: bool = False, progress: bool = True,
           overwrite: bool = False) -> dict:
     """Trains and returns {"step", "best_abs_rel", "last_val", "stopped"}; see module docstring.
-    `overwrite` deletes a run already in `run_dir` (without it, or `resume`, that is refused)."""
-    from tqdm import tqdm
-
+    `overwrite` deletes a run already in `run_dir` (without it, or `resume`, that is refused). A run
+    that fails before its first checkpoint leaves nothing that would block running it again."""
     info = dist_utils.init_distributed()
     guard = RunFolderGuard(Path(run_dir), cfg.to_dict(), resume, overwrite) if info.is_main else None
     try:
         session = build_session(cfg, data_root, Path(run_dir), info)
+        state = resume_state(session, resume)
     except BaseException:  # a bad setting or file found while building: the folder stays free for the next try
+        _release_unfinished(guard, Path(run_dir), info)
+        raise
+    try:
+        return run_epochs(session, state, progress)
+    except BaseException:
+        _release_unfinished(guard, Path(run_dir), info)
+        raise
+    finally:
         if guard is not None:
             guard.release()
-        raise
-    state, stopped, last_val = resume_state(session, resume), "epoch_done", None
+
+
+def _release_unfinished(guard: RunFolderGuard | None, run_dir: Path, info) -> None:
+    """After a failure: a run with no checkpoint yet is cleared (its logs would block the rerun), then unlocked."""
+    if guard is None:
+        return
+    unfinished = find_resumable(run_dir / "checkpoints") is None
+    if unfinished:
+        RunFolderGuard.clear(run_dir)
+    guard.release(tidy=unfinished)
+
+
+def run_epochs(session: Session, state: TrainState, progress: bool) -> dict:
+    """Epochs until the step budget or a pre-emption, the final validation and checkpoint."""
+    from tqdm import tqdm
+
+    info, stopped, last_val = session.info, "epoch_done", None
     bar = tqdm(total=session.total_steps, initial=state.step, desc="train", disable=not (progress and info.is_main))
     try:
         session.model.train()
@@ -159,8 +199,6 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
             print(f"{session.preemption.requested}: saved {session.ckpt_dir / 'last'} at step {state.step}; "
                   "continue with --resume")
     finally:
-        if guard is not None:
-            guard.release()
         bar.close()
         session.logger.close()
         session.preemption.restore()

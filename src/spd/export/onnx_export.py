@@ -13,11 +13,13 @@ export folder whose files or manifest do not match.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
+from spd.cameras.scale import long_side_of
 from spd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from spd.errors import UserInputError
 from spd.export.graphs import DecoderGraph, EncoderGraph
@@ -34,11 +36,21 @@ DECODER_INPUTS, DECODER_OUTPUTS = ["table", "global_keys", "global_values", "que
 MIN_OPSET = 18  # the dynamo exporter's lowest
 
 
+def default_export_size(model: SPD) -> tuple[int, int]:
+    """(height, width) at the model's pixel scale in NYU's 4:3 landscape aspect: its long side wide."""
+    long_side = long_side_of(model)
+    return round(long_side * 3 / 4), long_side
+
+
 def export_onnx(
     model: SPD, out_dir: str | Path, height: int, width: int, opset: int | None = None, dtype: str = "fp32",
-    source: str | None = None,
+    source: str | None = None, any_scale: bool = False,
 ) -> Path:
     """Writes `encoder.onnx`, `decoder.onnx` and `manifest.json` for images of height x width pixels.
+
+    The graphs take one image size, so its long side must be the model's pixel scale
+    (`spd.cameras.scale`: the model's depths are only metric there); `any_scale` lifts that for
+    timing runs, whose depths nobody reads.
 
     Returns the manifest path. `source`: where the model came from (recorded in the manifest). The
     graphs are traced on the CPU in eval mode; `model` is left as it was given (device and every
@@ -48,18 +60,41 @@ def export_onnx(
         raise NotImplementedError(f"--dtype {dtype}: only fp32 export is implemented; fp16 graphs are not (yet)")
     if height < 32 or width < 32:
         raise UserInputError(f"export size must be at least 32x32 pixels, got {height}x{width}")
+    long_side = long_side_of(model)
+    if not any_scale and max(height, width) != long_side:
+        raise UserInputError(f"export size {width}x{height}: this model sees images at {long_side} px long side (its "
+                             f"training scale), so export a size with that long side, e.g. --height "
+                             f"{round(long_side * 3 / 4)} --width {long_side} (the default)")
     if opset is not None and opset < MIN_OPSET:
         raise UserInputError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial"  # the new export is written whole, then swapped in
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
     try:
-        return _export_graphs(model.cpu().eval(), out, height, width, opset, dtype, source)
+        _export_graphs(model.cpu().eval(), staging, height, width, opset, dtype, source)
+    except BaseException:  # Ctrl-C included: the previous export in `out`, if any, is untouched
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         model.to(device)
         for module, training in modes.items():
             module.training = training
+    _swap_in(staging, out)
+    return out / MANIFEST_FILE
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replaces folder `out` by `staging` with two renames (a crash between them leaves `.<name>.old`
+    whole beside the new export, never a mix of two exports' files)."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_graphs(model: SPD, out: Path, height: int, width: int, opset: int | None, dtype: str,

@@ -52,10 +52,29 @@ def read_manifest(folder: Path) -> dict:
             raise CheckpointError(f"{graph}: missing from the export folder")
         if file_sha256(graph) != entry["sha256"]:
             raise CheckpointError(f"{graph}: SHA-256 differs from the manifest's: the file is corrupted or not this export's")
-    for key in ("height", "width", "table_shape", "global_kv_shape"):
+    for key, valid, expected in MANIFEST_FIELDS:
         if key not in manifest:
             raise CheckpointError(f"{path}: no {key!r}")
+        if not valid(manifest[key]):
+            raise CheckpointError(f"{path}: {key!r} must be {expected}, got {json.dumps(manifest[key])[:80]}")
     return manifest
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _shape(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(_positive_int(v) for v in value)
+
+
+MANIFEST_FIELDS = (  # (key, check, what it must be): the fields the runtime reads, checked before use
+    ("height", _positive_int, "a positive integer"),
+    ("width", _positive_int, "a positive integer"),
+    ("table_shape", _shape, "a list of positive integers"),
+    ("global_kv_shape", _shape, "a list of positive integers"),
+    ("spd_config", lambda v: isinstance(v, dict), "an object (the SPD model config)"),
+)
 
 
 class OnnxPredictor(Predictor):
@@ -86,7 +105,7 @@ class OnnxPredictor(Predictor):
         self.device, self.model, self.dtype = torch.device("cpu"), None, "fp32"
         spd_config = self.manifest.get("spd_config") or {}
         self.canonical_focal = float(spd_config.get("canonical_focal", DEFAULT_CANONICAL_FOCAL))  # older exports: NYU's
-        self.chunk_size, self.seed, self.buckets, self.max_side, self.resize = chunk_size, seed, None, None, resize
+        self.chunk_size, self.seed, self.buckets, self.long_side, self.resize = chunk_size, seed, None, None, resize
         self._decode = self._run_decoder
 
     def _check_graphs(self) -> None:
@@ -157,7 +176,7 @@ def check_export(model, folder: Path, points: int = 1000, seed: int = 0) -> floa
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     where = rng.uniform([0, 0], [width - 1, height - 1], size=(points, 2))
-    reference = Predictor(model, max_side=None).predict(image, where)
+    reference = Predictor(model, long_side=None).predict(image, where)
     exported = onnx_predictor.predict(image, where)
     error = float(np.max(np.abs(exported - reference) / np.abs(reference)))
     if not error <= 1e-3:

@@ -10,6 +10,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from spd.cameras.scale import DEFAULT_LONG_SIDE
 from spd.config.model import ModelConfig
 from spd.geometry.coords import pad_image, padded_size
 from spd.geometry.validation import validate_queries
@@ -319,6 +320,11 @@ def read_model_config(folder: Path) -> ModelConfig:
             f"{folder / CONFIG_FILE}: holds a {model_type!r} model, not SPD (for the baseline use baseline:FOLDER)"
         )
     data["encoder_weights"] = None
+    if "image_long_side" not in data:  # saved before models recorded their pixel scale (spd.cameras.scale)
+        warnings.warn(f"{folder / CONFIG_FILE}: no image_long_side recorded (saved before the field existed): "
+                      f"images are fed at {DEFAULT_LONG_SIDE} px long side, NYU's frames; set it in config.json if "
+                      "the model was trained at another size", UserWarning, stacklevel=3)
+        data["image_long_side"] = DEFAULT_LONG_SIDE
     try:
         return ModelConfig.from_dict(data)
     except (TypeError, ValueError) as err:

@@ -153,6 +153,8 @@ async def _depth_request(request: Request, limits: Limits) -> tuple[dict, np.nda
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise _bad(400, f"request body is not valid JSON ({err})") from None
+        except RecursionError:  # json's recursive parser: nesting beyond Python's recursion limit
+            raise _bad(400, "request body is JSON nested too deeply") from None
         if not isinstance(body, dict):
             raise _bad(400, "JSON body must be an object {image_id, points | grid, intrinsics?}")
         return body, None
@@ -174,6 +176,8 @@ def _json_field(name: str, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         raise _bad(400, f"form field {name!r} is not valid JSON: {text[:80]!r}") from None
+    except RecursionError:
+        raise _bad(400, f"form field {name!r} is JSON nested too deeply") from None
 
 
 def _encode_and_cache(state: ServerState, rgb: np.ndarray) -> tuple[str | None, ImageFeatures, float]:
@@ -206,7 +210,14 @@ def _answer_depth(state: ServerState, fields: dict, rgb: np.ndarray | None) -> d
     answer = {"model": state.model_name, "image_id": image_id, "width": features.width, "height": features.height,
               "points": points.tolist(), "depth_m": depth.tolist(), "timing_ms": timing}
     if intrinsics is not None:
-        answer["xyz"] = backproject(points, depth, intrinsics).tolist()
+        xyz = backproject(points, depth, intrinsics)
+        answer["xyz"] = xyz.tolist()
+        depth = np.concatenate([depth, xyz.ravel()])
+    if not np.isfinite(depth).all():  # never NaN / Infinity in an answer
+        if intrinsics is not None:
+            raise _bad(400, f"'intrinsics' {list(intrinsics)} give depths or points that are not finite: they are "
+                            "out of any camera's range (pixels of this image)")
+        raise _bad(500, "the model returned non-finite depths (is the model folder trained?)")
     return answer
 
 
@@ -225,10 +236,18 @@ def _points(fields: dict, features: ImageFeatures, limits: Limits) -> np.ndarray
         raise _bad(413, f"{len(raw)} points exceed the limit of {limits.max_points} per request")
     for index, pair in enumerate(raw):
         if not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(x) for x in pair):
-            raise _bad(400, f"point {index} must be [u, v] with two numbers, got {json.dumps(pair)[:80]}")
+            raise _bad(400, f"point {index} must be [u, v] with two numbers, got {_preview(pair)}")
     points = np.asarray(raw, dtype=np.float64).reshape(-1, 2)
     check_points(points, features.height, features.width)  # NaN / outside: UserInputError naming the index
     return points
+
+
+def _preview(value: Any) -> str:
+    """The start of a value's JSON for an error message (a deeply nested one is not serialised)."""
+    try:
+        return json.dumps(value)[:80]
+    except (RecursionError, ValueError):
+        return f"a nested {type(value).__name__}"
 
 
 def _is_number(value: Any) -> bool:

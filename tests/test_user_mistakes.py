@@ -1,0 +1,85 @@
+"""Issue 25's user mistakes: labels in the wrong unit caught by `spd data check` and before step 1 of
+`spd train`, a failed run that leaves nothing blocking its rerun, and `--resume` refused where it
+cannot mean anything."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spd.data.synthetic import generate
+
+SPD = [sys.executable, "-m", "spd.cli"]
+
+
+@pytest.fixture(scope="module")
+def millimetre_pngs(tmp_path_factory):
+    """Synthetic rooms (millimetre PNG depth), described once rightly and once with depth_scale: 1."""
+    root = generate(tmp_path_factory.mktemp("units"), n_train=6, n_test=2, size=(96, 128), holes=True, seed=2,
+                    workers=1, progress=False)
+    right = yaml.safe_load((root / "dense.yaml").read_text())
+    assert right["depth_scale"] == 1000.0
+    wrong = root / "metres.yaml"
+    wrong.write_text(yaml.safe_dump({**right, "depth_scale": 1}))
+    return root / "dense.yaml", wrong
+
+
+def _run(*args, cwd=None):
+    return subprocess.run(SPD + [str(a) for a in args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_data_check_names_depth_scale_when_the_labels_are_millimetres_read_as_metres(millimetre_pngs):
+    right, wrong = millimetre_pngs
+    bad = _run("data", "check", "--dataset", wrong)
+    assert bad.returncode == 1
+    assert "depth_scale" in bad.stdout and "ERROR" in bad.stdout
+    good = _run("data", "check", "--dataset", right)
+    assert good.returncode == 0, good.stdout
+    assert "labels [m]: median of medians" in good.stdout
+
+
+def test_train_refuses_before_step_one_and_the_fixed_rerun_needs_no_overwrite(millimetre_pngs, tmp_path):
+    right, wrong = millimetre_pngs
+    run = tmp_path / "run"
+    common = ["--config", "v15_tiny_synth", "--out", run, "--max-steps", "1", "--set", "data.workers=0",
+              "--set", "eval.every_steps=0", "--set", "data.crop_size=[64, 96]", "--set", "eval.limit=1", "--set", "batch_size=2"]
+    refused = _run("train", "--data-root", wrong, *common)
+    assert refused.returncode == 3
+    assert refused.stderr.strip().count("\n") == 0 and "depth_scale" in refused.stderr
+    assert not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists()
+    fixed = _run("train", "--data-root", right, *common)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert (run / "checkpoints" / "last").is_dir()
+
+
+def test_resume_with_overwrite_and_resume_into_a_foreign_folder_are_refused(millimetre_pngs, tmp_path):
+    right, _ = millimetre_pngs
+    common = ["train", "--config", "v15_tiny_synth", "--data-root", right, "--max-steps", "1"]
+    both = _run(*common, "--out", tmp_path / "run", "--resume", "--overwrite")
+    assert both.returncode == 2 and "give one of them" in both.stderr
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    refused = _run(*common, "--out", foreign, "--resume")
+    assert refused.returncode == 2 and "not a run folder" in refused.stderr
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_free(synth_root, tmp_path, monkeypatch):
+    """A failure after logging started (here: the first validation) clears the run's own files."""
+    from spd.config.training import load_config
+    from spd.engine import train as train_module
+    from spd.engine.runlog import RunFolderGuard
+
+    def broken_validation(session, state):
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(train_module, "validate", broken_validation)
+    cfg = load_config("v15_tiny_synth", ["data.workers=0", "data.crop_size=[64, 96]", "log_every=1"])
+    cfg.max_steps = 1
+    with pytest.raises(RuntimeError, match="validation failed"):
+        train_module.train(cfg, synth_root, tmp_path / "run", progress=False)
+    assert not RunFolderGuard._holds_run(tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -100,7 +100,7 @@ def test_baseline_linears_through_onednn_equal_the_plain_forward(baseline):
     from spd.models.onednn import onednn_runs
 
     if not onednn_runs(torch.float32):
-        pytest.skip("oneDNN's fp32 linear is not used on this machine")
+        pytest.skip("oneDNN's fp32 linear is not used on this machine (no oneDNN, or below AVX-512: MKL is faster)")
     torch.manual_seed(1)
     images = torch.randn(1, 3, 56, 84)
     with torch.inference_mode():

@@ -27,8 +27,19 @@ SKIP_COMMANDS = {
     "spd loadcheck": "takes 30 s and more (test_serve.py runs a short one)",
     "spd demo": "takes minutes (make demo)",
 }
-# `spd train` in a page is cut to a few steps; everything else runs as written.
+# `spd train` in a page is cut to a few steps and `spd synth` to a few rooms; everything else runs as written.
 TRAIN_CUT = ["--max-steps", "2", "--set", "data.workers=0", "--set", "eval.limit=2"]
+SYNTH_CAP = {"--n-train": 16, "--n-test": 4}  # enough for a batch of 8 and an evaluation
+
+
+def cut(args: list[str]) -> list[str]:
+    """A page's command as the test runs it: training cut to two steps, synthetic sets to a few rooms."""
+    if args[0] == "train":
+        return args + TRAIN_CUT
+    if args[0] == "synth":
+        return [str(min(int(value), SYNTH_CAP[flag])) if flag in SYNTH_CAP else value
+                for flag, value in zip([""] + args[:-1], args)]
+    return args
 
 
 def bash_lines(page: Path) -> list[str]:
@@ -60,16 +71,14 @@ def test_help_lists_every_subcommand_the_pages_use():
 
 
 def test_cheap_commands_run_as_written(tmp_path):
-    """Every page's `spd` commands in order in one folder (training cut to two steps)."""
+    """Every page's `spd` commands in order in one folder (cut: training to two steps, synthetic sets to a few rooms)."""
     shutil.copy(ROOM, tmp_path / "room.jpg")
     ran, skipped = [], []
     for page, line in spd_commands():
         if any(needle in line for needle in SKIP_COMMANDS):
             skipped.append(line)
             continue
-        args = shlex.split(line)[1:]
-        if args[0] == "train":
-            args += TRAIN_CUT
+        args = cut(shlex.split(line)[1:])
         result = subprocess.run(SPD + args, cwd=tmp_path, capture_output=True, text=True)
         assert result.returncode == 0, f"{page}: {line}\n{result.stderr[-2000:]}"
         ran.append(args[0])

@@ -149,14 +149,28 @@ def test_wrong_image_size_is_refused_naming_the_exported_size(exported, tmp_path
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_export_leaves_the_callers_model_in_its_mode_on_its_device(tmp_path, device):
+def test_export_leaves_the_callers_model_in_its_mode_on_its_device(tmp_path, device, monkeypatch):
     """A model in train mode (one submodule in eval, as a frozen part would be) on any device comes
-    back from `export_onnx` exactly so."""
-    from spd.export.onnx_export import export_onnx
+    back from `export_onnx` exactly so, also when the export fails; the graphs are traced from the
+    model on the CPU in eval mode (the tracing itself is tested above, so it is replaced here)."""
+    from spd.export import onnx_export
 
-    model = spd.build_model("v15-tiny", warn_random_encoder=False).to(device).train()
+    seen = []
+
+    def trace(model, *args):
+        seen.append((model.training, {p.device.type for p in model.parameters()}))
+        if len(seen) == 2:
+            raise RuntimeError("tracing failed")
+
+    monkeypatch.setattr(onnx_export, "_export_graphs", trace)
+    model = spd.build_model("v15-tiny", warn_random_encoder=False, image_long_side=96).to(device).train()
     model.encoder.eval()
-    export_onnx(model, tmp_path / "onnx", height=64, width=96)
-    assert model.training and not model.encoder.training
-    assert all(m.training == (not any(m is e for e in model.encoder.modules())) for m in model.modules())
-    assert {p.device.type for p in model.parameters()} == {device}
+    for attempt in range(2):
+        try:
+            onnx_export.export_onnx(model, tmp_path / "onnx", height=64, width=96)
+        except RuntimeError:
+            assert attempt == 1
+        assert model.training and not model.encoder.training
+        assert all(m.training == (not any(m is e for e in model.encoder.modules())) for m in model.modules())
+        assert {p.device.type for p in model.parameters()} == {device}
+    assert seen == [(False, {"cpu"})] * 2

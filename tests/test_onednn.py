@@ -9,9 +9,16 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from spd.models import onednn
-from spd.models.onednn import OneDNNLinears, linear, onednn_runs, takes_onednn
+from spd.models.onednn import OneDNNLinears, linear, onednn_available, onednn_runs, takes_onednn
 
-pytestmark = pytest.mark.skipif(not onednn_runs(torch.float32), reason="oneDNN's fp32 linear is not used on this machine")
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build or CPU has no oneDNN linear kernel")
+
+
+@pytest.fixture(autouse=True)
+def onednn_fp32_wherever_it_runs(monkeypatch):
+    """These tests hold oneDNN's kernel equal to F.linear, so they take it even where the routing rule
+    prefers MKL's faster sgemm for fp32 (below AVX-512); `test_below_avx512_...` tests that rule."""
+    monkeypatch.setattr(onednn, "_slower_than_f_linear", lambda dtype: False)
 
 KERNEL = "mkldnn::_linear_pointwise"
 
@@ -142,7 +149,7 @@ def fresh_routing(monkeypatch):
     """The rule's per-process decisions forgotten before and after the test."""
     def forget():
         onednn.onednn_available.cache_clear()
-        onednn._probe.cache_clear()
+        onednn.kernel_problem.cache_clear()
         onednn._failed.clear()
 
     forget()
@@ -173,7 +180,7 @@ def test_a_kernel_that_fails_mid_run_falls_back_to_f_linear_for_good(fresh_routi
         raise RuntimeError("could not create a primitive descriptor for the inner product")
 
     onednn_runs(torch.float32)  # probe with the real kernel first: only the later call fails
-    fresh_routing.setattr(onednn, "_fused_linear_kernel", lambda: broken)
+    fresh_routing.setattr(onednn, "fused_linear_kernel", lambda: broken)
     x, weight = torch.randn(5, 8), torch.randn(4, 8)
     with torch.inference_mode(), pytest.warns(RuntimeWarning, match="primitive descriptor"):
         out = linear(x, weight, gelu=True)
@@ -198,3 +205,16 @@ def test_import_spd_and_the_flop_formula_survive_a_torch_without_its_private_flo
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["False"]
+
+
+def test_below_avx512_fp32_takes_f_linear_quietly_as_the_faster_kernel(fresh_routing):
+    import warnings
+
+    fresh_routing.setattr(onednn, "_slower_than_f_linear", lambda dtype: dtype == torch.float32)
+    x, weight = torch.randn(6, 16), torch.randn(8, 16)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a speed choice is not a failure: no warning
+        assert not takes_onednn(x)
+        out, ran = ran_onednn(lambda: linear(x, weight, gelu=True))
+    assert not ran
+    torch.testing.assert_close(out, F.gelu(F.linear(x, weight)))

@@ -27,7 +27,7 @@ from spd.errors import UserInputError
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
 from spd.models.build import build_model
 from spd.models.onednn import linear as onednn_linear
-from spd.models.onednn import onednn_runs, register_flop_formula
+from spd.models.onednn import fused_linear_kernel, kernel_problem, onednn_available, onednn_runs, register_flop_formula
 from spd.models.precision import low_precision_copy
 
 
@@ -65,7 +65,7 @@ def linear_kernel_rates(channels: int, image_size, repeat: int) -> dict:
     """GMAC/s of the encoder's first MLP layer ((H/4 * W/4, C) @ (C, 4C)) in fp32 through `F.linear`
     (MKL's sgemm on x86 builds) and through oneDNN (`spd.models.onednn`: why the linears go there),
     and in bf16 through the kernel bf16 linears run here (what bf16 can gain at most on the matmuls).
-    A rate whose kernel does not run on this machine (`onednn_runs`) is None, not measured."""
+    oneDNN's fp32 rate is measured wherever its kernel runs, used or not (None where it cannot run)."""
     rows = (image_size[0] // 4) * (image_size[1] // 4)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, channels, generator=generator)
@@ -74,8 +74,8 @@ def linear_kernel_rates(channels: int, image_size, repeat: int) -> dict:
     low = [t.bfloat16() for t in (x, weight, bias)]
     cpu = torch.device("cpu")
     calls = {"f_linear": lambda: torch.nn.functional.linear(x, weight, bias)}
-    if onednn_runs(torch.float32):
-        calls["onednn"] = lambda: onednn_linear(x, weight, bias)
+    if onednn_available() and kernel_problem(torch.float32) is None:  # measured wherever it runs, used or not
+        calls["onednn"] = lambda: fused_linear_kernel()(x, weight, bias, "none", [], "")
     calls["bf16"] = lambda: onednn_linear(*low)  # oneDNN where it runs bf16, else F.linear
     with torch.autocast("cpu", enabled=False):
         rates = {name: macs / median_ms(call, repeat, cpu) / 1e6 for name, call in calls.items()}
@@ -387,8 +387,9 @@ def format_bench(result: dict) -> str:
     rates = fast.get("linear_fp32_gmacs")
     if rates:
         rows, width, hidden = rates["shape"]
-        onednn = (f"oneDNN {rates['onednn']:.0f} GMAC/s (SPD and DAv2-S use oneDNN)" if rates["onednn"]
-                  else "oneDNN not used on this machine (SPD and DAv2-S use F.linear)")
+        used = result["kernels"]["linear"]["fp32"] if "kernels" in result else "oneDNN"
+        onednn = (f"oneDNN {rates['onednn']:.0f} GMAC/s" if rates["onednn"] else "oneDNN does not run here")
+        onednn += f" (SPD and DAv2-S use {used})"
         lines.append(f"fp32 linear ({rows} x {width} -> {hidden}, the encoder's first MLP layer): F.linear "
                      f"{rates['f_linear']:.0f} GMAC/s, {onednn}; bf16 {rates['bf16_kernel']} {rates['bf16']:.0f} GMAC/s")
     lines += _format_extras(result)

@@ -17,7 +17,8 @@ Where it runs is decided once per process and dtype by `onednn_runs`: an x86-64 
 PyTorch's oneDNN goes through ACL, where fused inner products have fallen back to reference kernels:
 not measured here, so not used), the instruction set oneDNN needs for bf16 (PyTorch's own check), and
 a tiny probe call that must run and agree with `F.linear`. An AVX2-only CPU (or
-`ONEDNN_MAX_CPU_ISA=AVX2`) has no bf16 inner product: bf16 then runs `F.linear` under autocast. If a
+`ONEDNN_MAX_CPU_ISA=AVX2`) has no bf16 inner product: bf16 then runs `F.linear` under autocast. Below
+AVX-512, fp32 runs `F.linear` too, because there MKL's sgemm is the faster kernel (measured). If a
 call still fails, that dtype falls back to `F.linear` for the rest of the process, with one warning.
 SPD's decoder layers are `Linear`s; `OneDNNLinears` routes a third-party model's
 `nn.Linear` layers the same way: the Depth Anything baseline runs under it, so both models of
@@ -41,7 +42,7 @@ _X86_64 = ("x86_64", "amd64")
 _failed: set[torch.dtype] = set()  # dtypes whose oneDNN call failed in this process: F.linear from then on
 
 
-def _fused_linear_kernel():
+def fused_linear_kernel():
     """PyTorch's private fused linear op (what TorchInductor emits on CPU), or None in a build without it."""
     mkldnn = getattr(torch.ops, "mkldnn", None)
     return getattr(mkldnn, "_linear_pointwise", None) if mkldnn is not None else None
@@ -63,20 +64,36 @@ def onednn_available() -> bool:
     return (
         platform.machine().lower() in _X86_64
         and torch.backends.mkldnn.is_available()
-        and _fused_linear_kernel() is not None
+        and fused_linear_kernel() is not None
     )
 
 
+def _avx512() -> bool:
+    """Whether PyTorch runs this CPU at AVX-512 level (False under ATEN_CPU_CAPABILITY=avx2 or below)."""
+    try:
+        return "AVX512" in torch.backends.cpu.get_cpu_capability().upper()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _slower_than_f_linear(dtype: torch.dtype) -> bool:
+    """Measured, not guessed: oneDNN's fp32 inner product runs 2.4x MKL's sgemm on an AVX-512 Zen 5
+    (231 vs 95 GMAC/s) but 0.8x on an AVX2-only EPYC (70 vs 86 GMAC/s; SPD's encoder 12 % slower),
+    so below AVX-512 fp32 stays on F.linear. A speed choice, not a failure: no warning."""
+    return dtype == torch.float32 and not _avx512()
+
+
 @functools.cache
-def _probe(dtype: torch.dtype) -> str | None:
+def kernel_problem(dtype: torch.dtype) -> str | None:
     """None when a tiny fused linear + GELU in `dtype` runs and matches F.linear; else why not."""
     if dtype == torch.bfloat16 and not _bf16_instructions():
-        return "this CPU has no bf16 inner product in oneDNN (it needs AVX-512 or AMX)"
+        return ("this CPU has no bf16 inner product in oneDNN (it needs AVX-512 or AMX), and bf16 matmuls are much "
+                "slower than fp32 here (5 vs 86 GMAC/s measured on an AVX2 CPU): prefer fp32")
     generator = torch.Generator().manual_seed(0)
     x, weight, bias = (torch.randn(*shape, generator=generator, dtype=dtype) for shape in ((4, 32), (16, 32), (16,)))
     try:
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            fused = _fused_linear_kernel()(x, weight, bias, "gelu", [], "none").float()
+            fused = fused_linear_kernel()(x, weight, bias, "gelu", [], "none").float()
             plain = F.gelu(F.linear(x.float(), weight.float(), bias.float()))
     except RuntimeError as err:
         return f"oneDNN's linear failed its probe ({str(err).splitlines()[0]})"
@@ -89,9 +106,9 @@ def _probe(dtype: torch.dtype) -> str | None:
 def onednn_runs(dtype: torch.dtype) -> bool:
     """The one routing rule: oneDNN's fused linear in `dtype` is known to run right here (decided once
     per process and dtype; a failure warns once and sends that dtype to `F.linear`)."""
-    if dtype not in _ONEDNN_DTYPES or dtype in _failed or not onednn_available():
+    if dtype not in _ONEDNN_DTYPES or dtype in _failed or not onednn_available() or _slower_than_f_linear(dtype):
         return False
-    reason = _probe(dtype)
+    reason = kernel_problem(dtype)
     if reason is not None:
         _give_up(dtype, reason)
         return False
@@ -142,8 +159,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     operands = [_as(t, dtype) for t in (x, weight, bias)]
     try:
         if gelu:
-            return _fused_linear_kernel()(*operands, "gelu", [], "none")
-        return _fused_linear_kernel()(*operands, "none", [], "")
+            return fused_linear_kernel()(*operands, "gelu", [], "none")
+        return fused_linear_kernel()(*operands, "none", [], "")
     except RuntimeError as err:  # a shape or kernel the probe did not meet: the plain op, from now on
         _give_up(dtype, str(err).splitlines()[0])
         return linear(x, weight, bias, gelu)
@@ -189,7 +206,7 @@ def register_flop_formula() -> bool:
         from torch.utils.flop_counter import flop_registry, register_flop_formula as register
     except ImportError:
         return False
-    kernel = _fused_linear_kernel()
+    kernel = fused_linear_kernel()
     if kernel is None:
         return False
     if kernel in flop_registry:

@@ -265,16 +265,21 @@ def _mistake_cases(root: Path, own: Path, synth: Path, model: str) -> list[tuple
     ]
 
 
+def _exit_code_of(args: list[str]) -> int:
+    """`spd ARGS` run in this process, warnings silenced; argparse's own exits included."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return main(args)
+        except SystemExit as exit_:
+            return exit_.code
+
+
 def test_issue_25_mistakes_end_in_one_line_with_their_exit_code(mistakes, model_dir, synth_root, capsys):
     root, own = mistakes
     before = _snapshot(root), _snapshot(synth_root)
     for args, exit_code, word in _mistake_cases(root, own, synth_root, str(model_dir)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                code = main(args)
-            except SystemExit as exit_:  # argparse's own errors
-                code = exit_.code
+        code = _exit_code_of(args)
         captured = capsys.readouterr()
         err = captured.err if exit_code != 1 else captured.out  # data check lists its findings on stdout
         lines = [line for line in captured.err.splitlines() if line.strip()]

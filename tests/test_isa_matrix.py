@@ -75,7 +75,7 @@ def test_predictor_gives_the_default_depths_under_a_limited_instruction_set(mode
         assert relative.mean() <= 0.01, relative.mean()
 
 
-@pytest.mark.parametrize("isa", ["AVX2", "SSE41"])
+@pytest.mark.parametrize("isa", ["AVX2"])  # SSE41 takes the same F.linear path: its predictor test above suffices
 def test_bf16_eval_and_a_short_bench_run_under_a_capped_onednn(model_dir, synth_root, tmp_path, isa):
     env = _env({"ONEDNN_MAX_CPU_ISA": isa})
     spd_cli = [sys.executable, "-m", "spd.cli"]

@@ -68,8 +68,10 @@ def onednn_available() -> bool:
     )
 
 
+@functools.cache
 def _avx512() -> bool:
-    """Whether PyTorch runs this CPU at AVX-512 level (False under ATEN_CPU_CAPABILITY=avx2 or below)."""
+    """Whether PyTorch runs this CPU at AVX-512 level (False under ATEN_CPU_CAPABILITY=avx2 or below).
+    Asked once: `onednn_runs` consults it on every linear call."""
     try:
         return "AVX512" in torch.backends.cpu.get_cpu_capability().upper()
     except (AttributeError, RuntimeError):

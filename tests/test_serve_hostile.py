@@ -219,3 +219,18 @@ def test_forty_concurrent_pixel_bombs_stay_bounded_in_memory(live_server):
     assert _peak_rss_mb(pid) <= 1.5 * 1024
     time.sleep(3)
     assert _rss_mb(pid) - idle <= 300
+
+
+def test_hostile_load_check_runs_and_every_hostile_request_is_answered(tiny_model, tmp_path):
+    """`spd loadcheck --hostile`, short: normal clients see no error, hostile requests get 2xx / 4xx / 503,
+    never a 500 or a dropped connection (the committed 30-s run is docs/serve_hostile.json)."""
+    from spd.serve.hostile import run_hostile
+
+    folder = spd.save_model(tiny_model, tmp_path / "model")
+    result = run_hostile(str(folder), clients=2, seconds=6, points=16, images=1, cache_mb=24, settle_s=1,
+                         serve_args=["--max-image-pixels", "2000000"], bomb_sides=(1000, 1500), burst=10)
+    assert result.normal_errors == 0, result.first_normal_error
+    assert result.hostile_failures == 0, result.hostile_answers
+    answered = {cls for counts in result.hostile_answers.values() for cls in counts}
+    assert "4xx" in answered and answered <= {"2xx", "4xx", "503"}
+    assert result.healthz_requests > 10 and result.server_peak_rss_mb >= result.server_idle_rss_mb > 0

@@ -28,7 +28,8 @@ def add_parser(subparsers) -> None:
                    help="width x height of an upload, checked from its header (default 40000000)")
     p.add_argument("--max-queue", type=positive_int, default=16,
                    help="requests that may wait for decoding and for the model each; beyond, 503 (default 16)")
-    p.add_argument("--decode-workers", type=positive_int, default=2, help="images decoded at once (default 2)")
+    p.add_argument("--decode-workers", type=positive_int, default=1,
+                   help="images decoded at once, each up to ~150 MB for a 36 MP image (default 1)")
     p.add_argument("--max-connections", type=positive_int, default=256,
                    help="open connections before uvicorn answers 503 (default 256)")
     p.set_defaults(func=run)

@@ -55,6 +55,7 @@ class ServerState:
     decoding: Stage
     model: Stage
     metrics: ServiceMetrics
+    trim_pending: bool = False  # a big image was decoded since freed memory was last handed back
 
 
 def _bad(status: int, message: str) -> HTTPException:
@@ -64,7 +65,7 @@ def _bad(status: int, message: str) -> HTTPException:
 def create_app(predictor: Predictor, model_name: str, model_info: dict, cache: FeatureCache,
                limits: Limits = Limits()) -> FastAPI:
     """The FastAPI app around one predictor. `model_info` is what /v1/info reports about the model."""
-    decoding = Stage("decode", "decoding images", limits.decode_workers, limits.max_queue)
+    decoding = Stage("decode", "decoding images", limits.decode_workers, limits.max_queue, low_priority=True)
     model = Stage("model", "waiting for the model", 1, limits.max_queue)
 
     @asynccontextmanager
@@ -105,7 +106,7 @@ def create_app(predictor: Predictor, model_name: str, model_info: dict, cache: F
         if upload is not None and "image_id" in fields:
             raise _bad(400, "send either an 'image' file or an 'image_id', not both")
         prepared = await _decoded(state, upload) if upload is not None else None
-        return await model.run(_answer_depth, state, fields, prepared)
+        return await model.run(_answer_depth, state, fields, prepared, quick=prepared is None)
 
     return app
 
@@ -157,8 +158,11 @@ async def _decoded(state: ServerState, data: bytes) -> PreparedImage:
         raise _bad(err.status, str(err)) from None
     except UserInputError as err:  # model_size: an exported model that cannot take this aspect ratio
         raise _bad(400, " ".join(str(err).split())) from None
-    if prepared.height * prepared.width >= BIG_IMAGE_PIXELS:
-        state.decoding.submit_when_idle(release_free_memory)  # a burst of big images must not stay resident
+    # A burst of big images must not leave the server at its peak: once the pool is idle after one, the
+    # freed heap goes back to the OS (checked after every decode, so a small one finishing last still trims).
+    state.trim_pending = state.trim_pending or prepared.height * prepared.width >= BIG_IMAGE_PIXELS
+    if state.trim_pending and state.decoding.submit_when_idle(release_free_memory):
+        state.trim_pending = False
     return prepared
 
 

@@ -6,7 +6,7 @@ for the same T seconds:
   `OVERSIZE` times its limit, expected 413;
 - pixel bombs: a 6000 x 6000 PNG of ~100 KB (under the pixel cap: decoded, 200 or 503 when the
   decoding queue is full) and an 8000 x 8000 one (over the cap: 413 from its header);
-- a slow upload: a small valid PNG sent in 1 KiB pieces, 50 ms apart;
+- slow uploads: a small valid PNG (~13 KB) sent in 1 KiB pieces, 50 ms apart;
 - bursts: twice, `BURST` pixel bombs at once, far beyond the decoding queue (503 beyond it);
 - a /healthz probe every 50 ms.
 It reports the normal clients' errors and latency, /healthz's p99, the hostile answers by class
@@ -30,6 +30,7 @@ from spd.serve.loadcheck import _drive, _png, _rss_mb, _peak_rss_mb, fill_cache,
 
 OVERSIZE = 2  # oversized bodies are this many times their limit
 BURST = 40  # uploads at once in each burst
+PAUSE_S = 0.25  # each hostile client's pause between requests: hostile content, not a bandwidth flood
 
 
 @dataclass
@@ -113,9 +114,10 @@ FILE_HEAD = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; f
              "Content-Type: image/png\r\n\r\n").encode()
 
 
-def payloads() -> dict[str, bytes]:
+def payloads(bomb_side: int, huge_side: int) -> dict[str, bytes]:
     """The images the hostile clients send, made once before the mix (an 8000^2 PNG takes seconds to write)."""
-    return {"bomb": pixel_bomb(6000), "huge_bomb": pixel_bomb(8000), "small": _png(7, 480, 640)}
+    small = _png(7, 96, 128)  # ~13 KB: ~0.7 s at the slow pace
+    return {"bomb": pixel_bomb(bomb_side), "huge_bomb": pixel_bomb(huge_side), "small": small}
 
 
 def _hostile_loop(url: str, kind: str, stop: float, tally: _Tally, limits: dict, images: dict) -> None:
@@ -136,13 +138,14 @@ def _hostile_loop(url: str, kind: str, stop: float, tally: _Tally, limits: dict,
                           content=_chunks(OVERSIZE * limits["json"], piece=b"[1.5, 2.5], " * 5000, head=b'{"points": ['))
             elif kind == "bombs":
                 image = bomb if turn % 2 == 0 else huge_bomb
-                _send(client, tally, f"pixel bomb {'6000' if turn % 2 == 0 else '8000'}^2",
+                _send(client, tally, f"pixel bomb {'under' if turn % 2 == 0 else 'over'} the cap",
                       url="/v1/encode", files={"image": ("bomb.png", image, "image/png")})
             elif kind == "slow":
                 body = head + small + f"\r\n--{boundary}--\r\n".encode()
                 _send(client, tally, "slow upload", url="/v1/encode", headers=multipart,
                       content=_slow(body))
             turn += 1
+            time.sleep(PAUSE_S)
 
 
 def _slow(body: bytes, piece: int = 1024, pause: float = 0.05):
@@ -152,24 +155,28 @@ def _slow(body: bytes, piece: int = 1024, pause: float = 0.05):
         time.sleep(pause)
 
 
-def _burst(url: str, tally: _Tally, bomb: bytes) -> None:
+def _burst(url: str, tally: _Tally, bomb: bytes, size: int) -> None:
     import httpx
 
     def one() -> None:
         with httpx.Client(base_url=url, timeout=300) as client:
-            _send(client, tally, f"burst of {BURST} pixel bombs", url="/v1/encode",
+            _send(client, tally, "burst of pixel bombs", url="/v1/encode",
                   files={"image": ("bomb.png", bomb, "image/png")})
 
-    threads = [threading.Thread(target=one) for _ in range(BURST)]
+    threads = [threading.Thread(target=one) for _ in range(size)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
 
 
-def _probe_health(url: str, stop: float, latencies: list[float]) -> None:
+def _probe_health(url: str, seconds: float) -> list[float]:
+    """/healthz latencies [ms] every 50 ms for `seconds` (inf: no answer). Runs in its own process, so
+    that the clients' threads do not delay it on the client side."""
     import httpx
 
+    latencies = []
+    stop = time.perf_counter() + seconds
     with httpx.Client(base_url=url, timeout=30) as client:
         while time.perf_counter() < stop:
             start = time.perf_counter()
@@ -179,11 +186,33 @@ def _probe_health(url: str, stop: float, latencies: list[float]) -> None:
             except httpx.HTTPError:
                 latencies.append(float("inf"))
             time.sleep(0.05)
+    return latencies
+
+
+def _misbehave(url: str, seconds: float, limits: dict, sides: tuple[int, int], burst: int) -> dict:
+    """Every hostile client and both bursts for `seconds` (in its own process): answers by kind and class."""
+    images = payloads(*sides)
+    tally = _Tally()
+    stop = time.perf_counter() + seconds
+    workers = [threading.Thread(target=_hostile_loop, args=(url, kind, stop, tally, limits, images))
+               for kind in ("oversized", "bombs", "slow")]
+    workers += [threading.Timer(seconds * share, _burst, args=(url, tally, images["bomb"], burst)) for share in (0.3, 0.65)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return {kind: dict(counts) for kind, counts in tally.counts.items()}
 
 
 def run_hostile(model: str, clients: int = 8, seconds: float = 30.0, points: int = 64, images: int = 3,
-                cache_mb: float = 256.0, serve_args: list[str] | None = None, settle_s: float = 5.0) -> HostileResult:
-    """The hostile mix against a fresh `spd serve --model MODEL` (cache filled first)."""
+                cache_mb: float = 256.0, serve_args: list[str] | None = None, settle_s: float = 5.0,
+                bomb_sides: tuple[int, int] = (6000, 8000), burst: int = BURST) -> HostileResult:
+    """The hostile mix against a fresh `spd serve --model MODEL` (cache filled first). The normal clients run
+    here, the hostile ones and the /healthz probe each in a process of their own. `bomb_sides`: the pixel
+    bombs under and over the server's pixel cap; `burst`: uploads at once in each burst."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     import httpx
 
     port = free_port()
@@ -194,24 +223,18 @@ def run_hostile(model: str, clients: int = 8, seconds: float = 30.0, points: int
             ids = fill_cache(client, images, 480, 640)
             info = client.get("/v1/info").json()["limits"]
         limits = {"upload": info["max_upload_bytes"], "json": 4096 + info["max_points"] * 48}
-        images = payloads()
         idle = _rss_mb(server.pid)
-        tally, health = _Tally(), []
-        stop = time.perf_counter() + seconds
-        workers = [threading.Thread(target=_hostile_loop, args=(url, kind, stop, tally, limits, images))
-                   for kind in ("oversized", "oversized", "bombs", "slow")]
-        workers.append(threading.Thread(target=_probe_health, args=(url, stop, health)))
-        workers += [threading.Timer(seconds * share, _burst, args=(url, tally, images["bomb"])) for share in (0.3, 0.65)]
-        for worker in workers:
-            worker.start()
-        normal = _drive(url, ids, clients, seconds, points, 480, 640)
-        for worker in workers:
-            worker.join()
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as others:
+            others.submit(time.sleep, 0).result()  # both started before the clock runs
+            others.submit(time.sleep, 0).result()
+            hostile = others.submit(_misbehave, url, seconds, limits, bomb_sides, burst)
+            health = others.submit(_probe_health, url, seconds)
+            normal = _drive(url, ids, clients, seconds, points, 480, 640)
+            hostile, health = hostile.result(), health.result()
         time.sleep(settle_s)
         after = _rss_mb(server.pid)
         health_cut = statistics.quantiles(health, n=100, method="inclusive")[98] if len(health) > 1 else float("nan")
         return HostileResult(clients, seconds, normal[0], normal[1], normal[2], normal[3], len(health), health_cut,
-                             {k: dict(v) for k, v in tally.counts.items()}, idle, _peak_rss_mb(server.pid), after,
-                             normal[4])
+                             hostile, idle, _peak_rss_mb(server.pid), after, normal[4])
     finally:
         stop_server(server)

@@ -25,7 +25,7 @@ class Limits:
     max_points: int = 65_536  # points per /v1/depth request
     max_grid: int = 256  # N of a `grid` request (N x N points)
     max_queue: int = 16  # requests that may wait for each stage (decoding, the model) before 503
-    decode_workers: int = 2  # images decoded at once (each may hold ~150 MB while decoding)
+    decode_workers: int = 1  # images decoded at once (each may hold ~150 MB while decoding)
 
     @property
     def max_body_bytes(self) -> int:

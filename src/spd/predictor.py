@@ -56,6 +56,16 @@ class ImageFeatures:
     scale: tuple[float, float] = (1.0, 1.0)
 
 
+@dataclass
+class PreparedImage:
+    """An image sized for the model: `seen` (h, w, 3) uint8 is what the encoder reads; `height`, `width`
+    the image as the user gave it (points and intrinsics stay in those pixels)."""
+
+    seen: np.ndarray
+    height: int
+    width: int
+
+
 def image_to_uint8(image: ImageLike) -> np.ndarray:
     """Any supported image form -> (H, W, 3) uint8 RGB.
 
@@ -193,18 +203,28 @@ class Predictor:
 
     @torch.inference_mode()
     def encode(self, image: ImageLike) -> ImageFeatures:
+        return self.encode_prepared(self.prepare(image))
+
+    def prepare(self, image: ImageLike) -> PreparedImage:
+        """The image as the model will see it (resized to its scale), with the caller's size: the part of
+        `encode` that needs no model (a server runs it in its decoding pool)."""
         rgb = image_to_uint8(image)
         height, width = rgb.shape[:2]
-        seen = self._model_image(rgb)
-        tensor = normalize_image(torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1))[None]
-        scale = (seen.shape[1] / width, seen.shape[0] / height)
-        return ImageFeatures(self._encode_tensor(tensor), height, width, scale)
+        new_h, new_w = self.model_size(height, width)
+        seen = rgb if (new_h, new_w) == (height, width) else resize_rgb(rgb, new_h, new_w)
+        return PreparedImage(seen, height, width)
 
-    def _model_image(self, rgb: np.ndarray) -> np.ndarray:
-        """The (h, w, 3) uint8 image the model sees: `rgb` resized to `long_side` (the model's scale)."""
-        height, width = rgb.shape[:2]
-        new_h, new_w = scaled_size(height, width, self.long_side)
-        return rgb if (new_h, new_w) == (height, width) else resize_rgb(rgb, new_h, new_w)
+    @torch.inference_mode()
+    def encode_prepared(self, prepared: PreparedImage) -> ImageFeatures:
+        """`encode` of an image `prepare` (or an equivalent decoder) has sized for the model."""
+        seen = prepared.seen
+        tensor = normalize_image(torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1))[None]
+        scale = (seen.shape[1] / prepared.width, seen.shape[0] / prepared.height)
+        return ImageFeatures(self._encode_tensor(tensor), prepared.height, prepared.width, scale)
+
+    def model_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) the model sees for an image of height x width: resized to `long_side` (the model's scale)."""
+        return scaled_size(height, width, self.long_side)
 
     def _encode_tensor(self, tensor: torch.Tensor):
         """(1, 3, h, w) normalised -> the model's features."""

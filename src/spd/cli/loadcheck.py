@@ -18,6 +18,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache-mb", type=positive_float, default=256.0, help="server cache bound, filled first (default 256)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the server's dtype (default fp32)")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="the server's backend (default torch)")
+    p.add_argument("--hostile", action="store_true",
+                   help="also run misbehaving clients (oversized chunked bodies, pixel bombs, slow uploads, bursts)")
     p.add_argument("--json", default=None, help="write the figures as JSON here")
     p.set_defaults(func=run)
 
@@ -29,6 +31,14 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_file(args.json, "--json")
     serve_args = ["--dtype", args.dtype, "--backend", args.backend]
+    if args.hostile:
+        from spd.serve.hostile import run_hostile
+
+        hostile = run_hostile(args.model, args.clients, args.seconds, args.points, args.images, args.cache_mb, serve_args)
+        print(hostile.format())
+        if args.json:
+            Path(args.json).write_text(json.dumps(hostile.to_dict(), indent=2))
+        return 0 if hostile.normal_errors == 0 and hostile.hostile_failures == 0 else 1
     result = run_loadcheck(args.model, args.clients, args.seconds, args.points, args.images, args.cache_mb,
                            serve_args=serve_args)
     print(result.format())

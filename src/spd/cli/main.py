@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from spd.allocator import requested_setting, tune_cpu_allocator
+from spd.allocator import SERVING_TRIM_THRESHOLD, TRIM_THRESHOLD, requested_setting, tune_cpu_allocator
 from spd.cli import bench, data, demo, evaluate, export, loadcheck, params, predict, serve, synth, train
 from spd.errors import SPDError
 from spd.versions import require_supported_versions
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         require_supported_versions()  # a too-old torchvision: one line naming it, not an AttributeError mid-run
         requested_setting()  # a typo in SPD_MALLOC is refused by every command
         if args.command in INFERENCE_COMMANDS:
-            tune_cpu_allocator()  # freed memory kept for the next call (SPD_MALLOC=default skips)
+            # freed memory kept for the next call (SPD_MALLOC=default skips); a server keeps less
+            tune_cpu_allocator(SERVING_TRIM_THRESHOLD if args.command == "serve" else TRIM_THRESHOLD)
         return args.func(args)
 
     return run_reporting_errors(f"spd {command}", run_command, debug)

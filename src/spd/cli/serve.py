@@ -22,6 +22,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache-ttl", type=positive_float, default=600.0,
                    help="seconds an unused encoded image is kept (default 600)")
     p.add_argument("--max-points", type=positive_int, default=65536, help="points per request (default 65536)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0,
+                   help="request body size in MiB, enforced while it streams in (default 20)")
+    p.add_argument("--max-image-pixels", type=positive_int, default=40_000_000,
+                   help="width x height of an upload, checked from its header (default 40000000)")
+    p.add_argument("--max-queue", type=positive_int, default=16,
+                   help="requests that may wait for decoding and for the model each; beyond, 503 (default 16)")
+    p.add_argument("--decode-workers", type=positive_int, default=1,
+                   help="images decoded at once, each up to ~150 MB for a 36 MP image (default 1)")
+    p.add_argument("--max-connections", type=positive_int, default=256,
+                   help="open connections before uvicorn answers 503 (default 256)")
     p.set_defaults(func=run)
 
 
@@ -56,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserInputError(f"cannot listen on {args.host}:{args.port} ({err.strerror})") from None
     predictor, info = serving_predictor(args)
     cache = FeatureCache(int(args.cache_mb * 2**20), args.cache_ttl)
-    app = create_app(predictor, str(args.model), info, cache, Limits(max_points=args.max_points))
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_image_pixels=args.max_image_pixels,
+                    max_points=args.max_points, max_queue=args.max_queue, decode_workers=args.decode_workers)
+    app = create_app(predictor, str(args.model), info, cache, limits)
     print(f"spd serve: {args.model} on http://{args.host}:{args.port}/ ({predictor.device}, {predictor.dtype}); "
           "no authentication: put it behind your reverse proxy to expose it")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", limit_concurrency=args.max_connections)
     return 0

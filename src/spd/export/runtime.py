@@ -23,7 +23,7 @@ from spd.cameras.canonical import DEFAULT_CANONICAL_FOCAL
 from spd.errors import SPDError, UserInputError
 from spd.export.onnx_export import DECODER_FILE, ENCODER_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE
 from spd.models.folder import CheckpointError, file_sha256
-from spd.predictor import Predictor, resize_rgb
+from spd.predictor import Predictor
 
 ASPECT_TOLERANCE = 0.01
 
@@ -129,18 +129,18 @@ class OnnxPredictor(Predictor):
     def from_pretrained(cls, path_or_hub_id, device="cpu", **kwargs) -> "OnnxPredictor":
         return cls(path_or_hub_id, **kwargs)
 
-    def _model_image(self, rgb: np.ndarray) -> np.ndarray:
-        height, width = rgb.shape[:2]
+    def model_size(self, height: int, width: int) -> tuple[int, int]:
+        """The exported size, for any image of its aspect ratio (UserInputError otherwise, or when resizing is off)."""
         export_h, export_w = self.export_size
         if (height, width) == (export_h, export_w):
-            return rgb
+            return export_h, export_w
         same_aspect = abs((width / height) / (export_w / export_h) - 1.0) <= ASPECT_TOLERANCE
         if not self.resize or not same_aspect:
             why = "resizing is off" if not self.resize else "its aspect ratio differs"
             raise UserInputError(f"image is {width}x{height} but {self.folder} was exported for {export_w}x{export_h} "
                                  f"images and {why}: resize or crop it, or export at this size "
                                  f"(spd export --height {height} --width {width})")
-        return resize_rgb(rgb, export_h, export_w)
+        return export_h, export_w
 
     def _encode_tensor(self, tensor: torch.Tensor) -> tuple[np.ndarray, ...]:
         return tuple(self._encoder.run(None, {"image": tensor.numpy()}))

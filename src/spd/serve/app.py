@@ -5,45 +5,44 @@
                       optional `intrinsics` (JSON [fx, fy, cx, cy]: depth for that camera, and xyz; without
                       them the model's canonical camera, spd.camera); or the same as a JSON body with
                       `image_id`                                  -> {depth_m, points, xyz?, width, height, model, ...}
-    GET  /healthz, /v1/info, /docs (OpenAPI), /  (the click-for-depth page, `page.html`)
+    GET  /healthz, /v1/info, /metrics (Prometheus), /docs (OpenAPI), /  (the click-for-depth page, `page.html`)
 
 Every bad input is a 4xx JSON `{"detail": "..."}` naming the problem (the first bad point by index),
-never a 500. The model is shared and its calls are serialised by one lock (on a CPU the model uses
-every core anyway); requests are parsed and answered on the event loop, so a slow client holds no
-lock. Encoded images live in a `FeatureCache` (LRU by bytes, with expiry).
+never a 500. How the service stays up under hostile traffic:
+- bodies are limited while they stream in (`limits.BodyLimit`: 413 the moment the limit is passed);
+- images are decoded in a bounded pool of threads (`images.decode_for_model`), never on the event loop;
+- the model runs on one thread of its own (its calls are serialised; on a CPU it uses every core);
+- each of those stages admits a bounded number of requests (`work.Stage`), beyond which 503 at once;
+- the event loop only parses and routes, so /healthz, /v1/info and /metrics never wait behind work.
+Encoded images live in a `FeatureCache` (LRU by bytes, with expiry).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import threading
 import time
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from spd.errors import UserInputError
+from spd.allocator import release_free_memory
 from spd.cameras.intrinsics import checked_intrinsics
-from spd.predictor import ImageFeatures, Predictor, backproject, check_points, grid_points, image_to_uint8
+from spd.errors import UserInputError
+from spd.predictor import ImageFeatures, PreparedImage, Predictor, backproject, check_points, grid_points
 from spd.serve.cache import FeatureCache
+from spd.serve.images import ImageRefused, decode_for_model
+from spd.serve.limits import BodyLimit, BodyTooLarge, Limits
+from spd.serve.metrics import MetricsMiddleware, ServiceMetrics
+from spd.serve.work import Busy, Stage
 
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for."""
-
-    max_upload_bytes: int = 20 * 2**20
-    max_image_pixels: int = 40_000_000
-    max_points: int = 65_536
-    max_grid: int = 256
+__all__ = ["Limits", "create_app"]
+BIG_IMAGE_PIXELS = 8_000_000  # after decoding one this large, freed memory is handed back to the OS when idle
 
 
 @dataclass
@@ -53,7 +52,10 @@ class ServerState:
     model_info: dict
     cache: FeatureCache
     limits: Limits
-    lock: threading.Lock
+    decoding: Stage
+    model: Stage
+    metrics: ServiceMetrics
+    trim_pending: bool = False  # a big image was decoded since freed memory was last handed back
 
 
 def _bad(status: int, message: str) -> HTTPException:
@@ -63,23 +65,61 @@ def _bad(status: int, message: str) -> HTTPException:
 def create_app(predictor: Predictor, model_name: str, model_info: dict, cache: FeatureCache,
                limits: Limits = Limits()) -> FastAPI:
     """The FastAPI app around one predictor. `model_info` is what /v1/info reports about the model."""
-    app = FastAPI(title="SPD depth service", version="1",
+    decoding = Stage("decode", "decoding images", limits.decode_workers, limits.max_queue, low_priority=True)
+    model = Stage("model", "waiting for the model", 1, limits.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        decoding.shutdown()
+        model.shutdown()
+
+    app = FastAPI(title="SPD depth service", version="1", lifespan=lifespan,
                   description="Metric depth at the pixels you ask for: encode an image once, query points many times. "
                               "No authentication of its own: put it behind your reverse proxy.")
-    state = ServerState(predictor, model_name, model_info, cache, limits, threading.Lock())
+    metrics = ServiceMetrics(cache, {"decode": decoding, "model": model})
+    state = ServerState(predictor, model_name, model_info, cache, limits, decoding, model, metrics)
     app.state.spd = state
+    app.add_middleware(BodyLimit, limits=limits)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, so it sees the 413s too
 
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_upload_bytes + 64 * 1024:
-            return JSONResponse({"detail": f"request body of {int(length)} bytes exceeds the limit of "
-                                           f"{limits.max_upload_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    _add_service_routes(app, state)
 
+    @app.post("/v1/encode")
+    async def encode(request: Request) -> dict:
+        """multipart/form-data with an `image` file -> its `image_id` for later /v1/depth calls."""
+        form = await _form(request, limits)
+        prepared = await _decoded(state, await _upload(form, limits))
+        image_id, features, encode_ms = await model.run(_encode_and_cache, state, prepared)
+        if image_id is None:
+            raise _bad(413, f"this image's encoded features ({_mb(features)} MB) do not fit the whole image cache "
+                            f"({cache.max_bytes / 2**20:.0f} MB): start spd serve with a larger --cache-mb")
+        return {"image_id": image_id, "width": features.width, "height": features.height, "model": model_name,
+                "expires_after_s": cache.ttl_s, "timing_ms": {"encode": encode_ms}}
+
+    @app.post("/v1/depth")
+    async def depth(request: Request) -> dict:
+        """Depth [m] at points: multipart (`image` file or `image_id`; `points` JSON or `grid`;
+        optional `intrinsics` JSON) or a JSON body {image_id, points | grid, intrinsics?}.
+        With an uploaded image whose features do not fit the cache, the answer's `image_id` is null."""
+        fields, upload = await _depth_request(request, limits)
+        if upload is not None and "image_id" in fields:
+            raise _bad(400, "send either an 'image' file or an 'image_id', not both")
+        prepared = await _decoded(state, upload) if upload is not None else None
+        return await model.run(_answer_depth, state, fields, prepared, quick=prepared is None)
+
+    return app
+
+
+def _add_service_routes(app: FastAPI, state: ServerState) -> None:
+    """Error mapping, the page, /healthz, /metrics and /v1/info: answered on the event loop, never queued."""
     @app.exception_handler(UserInputError)
     async def user_input_error(request: Request, err: UserInputError):
         return JSONResponse({"detail": " ".join(str(err).split())}, status_code=400)
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, err: Busy):
+        return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -89,64 +129,68 @@ def create_app(predictor: Predictor, model_name: str, model_info: dict, cache: F
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/info")
     async def info() -> dict:
-        return {"model": model_name, "config": model_info, "device": str(predictor.device), "dtype": predictor.dtype,
-                "chunk_size": predictor.chunk_size, "cache": cache.stats(), "limits": asdict(limits)}
-
-    @app.post("/v1/encode")
-    async def encode(request: Request) -> dict:
-        """multipart/form-data with an `image` file -> its `image_id` for later /v1/depth calls."""
-        form = await _form(request)
-        rgb = await _image(form, limits)
-        image_id, features, encode_ms = await run_in_threadpool(_encode_and_cache, state, rgb)
-        return {"image_id": image_id, "width": features.width, "height": features.height, "model": model_name,
-                "expires_after_s": cache.ttl_s, "timing_ms": {"encode": encode_ms}}
-
-    @app.post("/v1/depth")
-    async def depth(request: Request) -> dict:
-        """Depth [m] at points: multipart (`image` file or `image_id`; `points` JSON or `grid`;
-        optional `intrinsics` JSON) or a JSON body {image_id, points | grid, intrinsics?}."""
-        fields, rgb = await _depth_request(request, limits)
-        return await run_in_threadpool(_answer_depth, state, fields, rgb)
-
-    return app
+        predictor = state.predictor
+        return {"model": state.model_name, "config": state.model_info, "device": str(predictor.device),
+                "dtype": predictor.dtype, "chunk_size": predictor.chunk_size, "cache": state.cache.stats(),
+                "limits": asdict(state.limits), "queues": {"decode": state.decoding.active, "model": state.model.active}}
 
 
-async def _form(request: Request):
+def _mb(features: ImageFeatures) -> str:
+    from spd.serve.cache import nbytes
+
+    return f"{nbytes(features) / 2**20:.1f}"
+
+
+async def _decoded(state: ServerState, data: bytes) -> PreparedImage:
+    """The upload decoded for the model in the decoding pool (400 / 413 for refused images)."""
+    try:
+        prepared = await state.decoding.run(decode_for_model, data, state.predictor.model_size,
+                                            state.limits.max_image_pixels)
+    except ImageRefused as err:
+        raise _bad(err.status, str(err)) from None
+    except UserInputError as err:  # model_size: an exported model that cannot take this aspect ratio
+        raise _bad(400, " ".join(str(err).split())) from None
+    # A burst of big images must not leave the server at its peak: once the pool is idle after one, the
+    # freed heap goes back to the OS (checked after every decode, so a small one finishing last still trims).
+    state.trim_pending = state.trim_pending or prepared.height * prepared.width >= BIG_IMAGE_PIXELS
+    if state.trim_pending and state.decoding.submit_when_idle(release_free_memory):
+        state.trim_pending = False
+    return prepared
+
+
+async def _form(request: Request, limits: Limits):
     kind = request.headers.get("content-type", "")
     if not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise _bad(415, f"expected multipart/form-data (an 'image' file and fields) or JSON, got content type {kind or 'none'!r}")
-    try:
-        return await request.form(max_files=1, max_fields=8)
+    try:  # a text field (points) may be as large as --max-points needs
+        return await request.form(max_files=1, max_fields=8, max_part_size=limits.max_json_bytes)
+    except BodyTooLarge:
+        raise
     except Exception as err:  # starlette's MultiPartException and parser errors
         raise _bad(400, f"unreadable multipart body ({err})") from None
 
 
-async def _image(form, limits: Limits) -> np.ndarray:
+async def _upload(form, limits: Limits) -> bytes:
+    """The bytes of the form's `image` file (the body limit has already bounded them)."""
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise _bad(400, "no 'image' file in the form (send the image as a file field named 'image')")
     data = await upload.read(limits.max_upload_bytes + 1)
     if len(data) > limits.max_upload_bytes:
-        raise _bad(413, f"image upload exceeds the limit of {limits.max_upload_bytes} bytes")
-    if not data:
-        raise _bad(400, "the 'image' file is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > limits.max_image_pixels:
-                raise _bad(413, f"image of {image.width}x{image.height} pixels exceeds the limit of "
-                                f"{limits.max_image_pixels} pixels")
-            image.load()
-            return image_to_uint8(image)
-    except HTTPException:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise _bad(400, f"unreadable image ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+        raise _bad(413, f"image upload exceeds the limit of {limits.max_upload_bytes} bytes (spd serve --max-upload-mb)")
+    return data
 
 
-async def _depth_request(request: Request, limits: Limits) -> tuple[dict, np.ndarray | None]:
-    """The request's fields (image_id, points, grid, intrinsics; parsed JSON) and its image, if uploaded."""
+async def _depth_request(request: Request, limits: Limits) -> tuple[dict, bytes | None]:
+    """The request's fields (image_id, points, grid, intrinsics; parsed JSON) and its image bytes, if uploaded."""
     kind = request.headers.get("content-type", "")
     if kind.startswith("application/json"):
         try:
@@ -158,7 +202,7 @@ async def _depth_request(request: Request, limits: Limits) -> tuple[dict, np.nda
         if not isinstance(body, dict):
             raise _bad(400, "JSON body must be an object {image_id, points | grid, intrinsics?}")
         return body, None
-    form = await _form(request)
+    form = await _form(request, limits)
     fields: dict[str, Any] = {}
     for name in ("image_id", "points", "grid", "intrinsics"):
         value = form.get(name)
@@ -167,8 +211,8 @@ async def _depth_request(request: Request, limits: Limits) -> tuple[dict, np.nda
         if not isinstance(value, str):
             raise _bad(400, f"form field {name!r} must be text, not a file")
         fields[name] = value if name == "image_id" else _json_field(name, value)
-    rgb = await _image(form, limits) if form.get("image") is not None else None
-    return fields, rgb
+    upload = await _upload(form, limits) if form.get("image") is not None else None
+    return fields, upload
 
 
 def _json_field(name: str, text: str) -> Any:
@@ -180,20 +224,20 @@ def _json_field(name: str, text: str) -> Any:
         raise _bad(400, f"form field {name!r} is JSON nested too deeply") from None
 
 
-def _encode_and_cache(state: ServerState, rgb: np.ndarray) -> tuple[str | None, ImageFeatures, float]:
+def _encode_and_cache(state: ServerState, prepared: PreparedImage) -> tuple[str | None, ImageFeatures, float]:
+    """On the model's thread: encode, cache (None when the features alone exceed the cache), time."""
     start = time.perf_counter()
-    with state.lock:
-        features = state.predictor.encode(rgb)
-    image_id = state.cache.put(features)
-    return image_id, features, (time.perf_counter() - start) * 1000
+    features = state.predictor.encode_prepared(prepared)
+    seconds = time.perf_counter() - start
+    state.metrics.model_time.labels("encode").observe(seconds)
+    return state.cache.put(features), features, seconds * 1000
 
 
-def _answer_depth(state: ServerState, fields: dict, rgb: np.ndarray | None) -> dict:
+def _answer_depth(state: ServerState, fields: dict, prepared: PreparedImage | None) -> dict:
+    """On the model's thread: the depth answer for a parsed request (points validated here, off the loop)."""
     timing: dict[str, float] = {}
-    if rgb is not None:
-        if "image_id" in fields:
-            raise _bad(400, "send either an 'image' file or an 'image_id', not both")
-        image_id, features, timing["encode"] = _encode_and_cache(state, rgb)
+    if prepared is not None:
+        image_id, features, timing["encode"] = _encode_and_cache(state, prepared)
     else:
         image_id = fields.get("image_id")
         if not isinstance(image_id, str) or not image_id:
@@ -204,9 +248,10 @@ def _answer_depth(state: ServerState, fields: dict, rgb: np.ndarray | None) -> d
     points = _points(fields, features, state.limits)
     intrinsics = _intrinsics(fields.get("intrinsics"))
     start = time.perf_counter()
-    with state.lock:
-        depth = state.predictor.decode(features, points, intrinsics)
-    timing["decode"] = (time.perf_counter() - start) * 1000
+    depth = state.predictor.decode(features, points, intrinsics)
+    seconds = time.perf_counter() - start
+    state.metrics.model_time.labels("decode").observe(seconds)
+    timing["decode"] = seconds * 1000
     answer = {"model": state.model_name, "image_id": image_id, "width": features.width, "height": features.height,
               "points": points.tolist(), "depth_m": depth.tolist(), "timing_ms": timing}
     if intrinsics is not None:

@@ -61,7 +61,7 @@ class FeatureCache:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.evictions = 0
+        self.evictions = self.hits = self.misses = 0
 
     def put(self, value: Any) -> str | None:
         """Stores `value`; returns its new id, or None when it alone exceeds the bound."""
@@ -85,7 +85,9 @@ class FeatureCache:
             self._expire()
             entry = self._entries.get(image_id)
             if entry is None:
+                self.misses += 1
                 return None
+            self.hits += 1
             self._entries.move_to_end(image_id)
             entry.expires = self._clock() + self.ttl_s
             return entry.value
@@ -99,4 +101,5 @@ class FeatureCache:
         with self._lock:
             self._expire()
             return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
-                    "ttl_s": self.ttl_s, "evictions": self.evictions}
+                    "ttl_s": self.ttl_s, "evictions": self.evictions,
+                    "hits": self.hits, "misses": self.misses}

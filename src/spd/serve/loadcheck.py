@@ -88,12 +88,39 @@ def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
             time.sleep(0.3)
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _status_mb(pid: int, field: str) -> float:
+    """A memory figure of /proc/PID/status in MiB (VmHWM: peak resident, VmRSS: resident now)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmHWM")
+
+
+def _rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmRSS")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def fill_cache(client, images: int, height: int, width: int) -> list[str]:
+    """Encodes distinct images until the server's cache evicts, then `images` more: their ids."""
+    encode = lambda seed: client.post("/v1/encode", files={"image": ("x.png", _png(seed, height, width), "image/png")})  # noqa: E731
+    seed = 1000
+    while client.get("/v1/info").json()["cache"]["evictions"] == 0:
+        encode(seed).raise_for_status()
+        seed += 1
+    return [encode(i).json()["image_id"] for i in range(images)]
 
 
 def run_loadcheck(model: str, clients: int = 8, seconds: float = 30.0, points: int = 64, images: int = 3,
@@ -106,23 +133,14 @@ def run_loadcheck(model: str, clients: int = 8, seconds: float = 30.0, points: i
     server = start_server(model, port, ["--cache-mb", str(cache_mb), *(serve_args or [])])
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
-            encode = lambda seed: client.post("/v1/encode", files={"image": ("x.png", _png(seed, height, width), "image/png")})  # noqa: E731
-            seed = 1000
-            while client.get("/v1/info").json()["cache"]["evictions"] == 0:  # fill the cache until it evicts
-                encode(seed).raise_for_status()
-                seed += 1
-            ids = [encode(i).json()["image_id"] for i in range(images)]
+            ids = fill_cache(client, images, height, width)
         result = _drive(url, ids, clients, seconds, points, height, width)
         with httpx.Client(base_url=url, timeout=60) as client:
             cache = client.get("/v1/info").json()["cache"]
         return LoadResult(clients, seconds, points, *result[:2], result[0] / seconds, *result[2:4],
                           _peak_rss_mb(server.pid), cache, result[4])
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 def _drive(url: str, ids: list[str], clients: int, seconds: float, points: int, height: int, width: int):

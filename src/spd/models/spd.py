@@ -35,6 +35,9 @@ from spd.models.splat import make_splat_plan
 MODEL_TYPE = "spd"  # config.json's model_type of an SPD folder
 
 
+CHECKPOINTABLE = ("encoder", "ldrm")  # `SPD.set_activation_checkpointing` parts
+
+
 class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-estimation", "sparse-depth"]):
     """Sparse query-point depth, v15 (DESIGN.md §3).
 
@@ -89,6 +92,17 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         return self.config.canonical_focal
 
     # ------------------------------------------------------------------------------------------
+    def set_activation_checkpointing(self, parts: list[str] | tuple[str, ...]) -> None:
+        """Training memory: recompute these parts' activations in backward instead of keeping them
+        ("encoder": timm's per-block checkpointing of every ConvNeXt stage; "ldrm": the 28x28 patch
+        upsampling of every query). Exact: the same ops run again (test); costs their forward time once more."""
+        unknown = set(parts) - set(CHECKPOINTABLE)
+        if unknown:
+            raise ValueError(f"activation checkpointing knows {list(CHECKPOINTABLE)}, not {sorted(unknown)}")
+        self.encoder.set_grad_checkpointing("encoder" in parts)
+        if self.ldrm is not None:
+            self.ldrm.checkpointing = "ldrm" in parts
+
     def inference_paths(self, requested: InferencePaths | None = None) -> InferencePaths:
         """The one decision of fast vs reference paths. Inference (eval mode, no autograd) takes the
         config's fast paths, or `requested` when given; anything else runs the reference paths, and

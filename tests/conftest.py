@@ -27,6 +27,22 @@ def random_queries(batch: int, k: int, height: int, width: int, generator=None) 
 
 
 @pytest.fixture(scope="session")
+def export_160(tmp_path_factory):
+    """(model folder, export folder): a random v15-tiny recording 120 x 160 training frames (the demo's
+    scale), saved and exported by `spd export` at its default size, 120 x 160. One ONNX export costs
+    ~50 s on a 2-core CPU, so the tests that only need *an* export share this one (copy it to change it)."""
+    from spd.cli.main import main
+
+    root = tmp_path_factory.mktemp("export_160")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = spd.build_model("v15-tiny", warn_random_encoder=False, image_long_side=160).eval()
+    spd.save_model(model, root / "model")
+    assert main(["export", "--model", str(root / "model"), "--out", str(root / "onnx")]) == 0
+    return root / "model", root / "onnx"
+
+
+@pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic NYU-layout set: 16 train + 4 test frames at 96 x 128, with holes."""
     from spd.data.synthetic import generate

@@ -74,7 +74,8 @@ def test_bucket_padding_is_exact(device, no_tf32):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_inference_stays_within_one_percent_on_real_frames(device):
-    """v15 (random weights) on the real NYU fixture frames: bf16 autocast vs fp32."""
+    """v15 (random weights) on the real NYU fixture frames: bf16 autocast vs fp32 (on a CPU two of the five
+    frames: bf16 matmuls run at ~5 GMAC/s on an AVX2-only CPU, ~17 s per frame)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
@@ -82,7 +83,8 @@ def test_bf16_inference_stays_within_one_percent_on_real_frames(device):
     fp32, bf16 = spd.Predictor(model, device), spd.Predictor(model, device, dtype="bf16")
     generator = np.random.default_rng(0)
     relative = []
-    for path in sorted(glob.glob(str(FIXTURES / "*" / "rgb*"))):
+    frames = sorted(glob.glob(str(FIXTURES / "*" / "rgb*")))
+    for path in frames if device == "cuda" else frames[:2]:
         points = generator.uniform([0, 0], [639, 479], size=(256, 2))
         reference = fp32.predict(path, points)
         low = bf16.predict(path, points)

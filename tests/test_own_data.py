@@ -60,10 +60,13 @@ def test_description_trains_with_finite_losses_and_evaluates(described_root, tmp
     assert np.isfinite(metrics["abs_rel"])
 
 
-@pytest.mark.parametrize("kind, extra", [("sparse", ()), ("dense", ("--set", "data.zoom=1.75"))])
+@pytest.mark.parametrize("kind, extra", [("dense", "mix"), ("dense", ("--set", "data.zoom=1.75"))])
 def test_description_run_resumes_bit_exactly(described_root, tmp_path, kind, extra):
     """Stopped by SIGTERM after a few steps (it saves, exits 75), then --resume: the same losses and
-    the same weights as an uninterrupted run (dense labels with the camera augmentation too)."""
+    the same weights as an uninterrupted run (dense labels mixed with sparse ones by `data.mix`, whose
+    draws seed their own augmentation; dense labels with the camera augmentation)."""
+    if extra == "mix":
+        extra = ("--set", "data.mix=" + json.dumps([{"dataset": str(described_root / "sparse.yaml"), "weight": 3}]))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert _train(described_root / f"{kind}.yaml", straight, 6, extra).returncode == 0
     command, env = _train_command(described_root / f"{kind}.yaml", resumed, 6, extra)
@@ -152,17 +155,17 @@ def test_mixed_datasets_share_each_epoch_by_weight_and_train(described_root, tmp
 
     parts = [DescribedDepth(described_root / f"{kind}.yaml", "train", crop_size=None) for kind in ("dense", "sparse")]
     mixed = MixedDataset(parts)
-    assert len(mixed) == 24 and mixed[13]["id"] == parts[1][1]["id"]
+    assert len(mixed) == 24 and mixed[13]["id"] == parts[1][1]["id"] == mixed[(13, 5)]["id"]
     counts = np.zeros(2)
     for epoch in range(200):
         sampler = WeightedEpochSampler(mixed, [1.0, 3.0], seed=0, rank=0, world_size=1)
         sampler.set_epoch(epoch)
-        drawn = np.array(list(sampler))
+        drawn = np.array([index for index, _ in sampler])
         counts += [(drawn < 12).sum(), (drawn >= 12).sum()]
     assert abs(counts[1] / counts.sum() - 0.75) < 0.02
     again = WeightedEpochSampler(mixed, [1.0, 3.0], seed=0, rank=0, world_size=1)
     again.set_epoch(199)
-    assert list(again) == drawn.tolist()
+    assert [index for index, _ in again] == drawn.tolist()
     ranks = [WeightedEpochSampler(mixed, [1.0, 3.0], seed=0, rank=r, world_size=2) for r in (0, 1)]
     for sampler in ranks:
         sampler.set_epoch(3)
@@ -173,6 +176,49 @@ def test_mixed_datasets_share_each_epoch_by_weight_and_train(described_root, tmp
     result = _train(described_root / "dense.yaml", run, 2, ["--set", f"data.mix={mix}"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(_losses(run)) == [1, 2]
+
+
+def test_each_mixed_draw_of_an_image_gets_its_own_crop_and_queries(described_root):
+    """`data.mix` draws with replacement: two draws of one image in one epoch are augmented and queried
+    differently (their seeds come from the draw's position and its set), and the same key gives the
+    same sample every time (what resume relies on)."""
+    from spd.data.mix import MixedDataset, WeightedEpochSampler
+
+    common = dict(crop_size=(64, 96), num_queries=32, seed=0)
+    parts = [DescribedDepth(described_root / f"{kind}.yaml", "train", **common) for kind in ("dense", "sparse")]
+    mixed = MixedDataset(parts)
+    sampler = WeightedEpochSampler(mixed, [1.0, 1.0], seed=0, rank=0, world_size=1)
+    sampler.set_epoch(2)
+    mixed.set_epoch(2)
+    keys = list(sampler)
+    positions: dict[int, list[int]] = {}
+    for index, position in keys:
+        positions.setdefault(index, []).append(position)
+    index, (first, second, *_) = next((i, p) for i, p in positions.items() if len(p) > 1)
+    a, b = mixed[(index, first)], mixed[(index, second)]
+    assert a["id"] == b["id"]
+    assert not torch.equal(a["image"], b["image"]) or not torch.equal(a["queries"], b["queries"])
+    torch.testing.assert_close(mixed[(index, first)]["queries"], a["queries"], rtol=0, atol=0)
+    # sample i of one set and sample i of another no longer share a seed: the same frame in both parts
+    twin = MixedDataset([parts[0], parts[0]])
+    assert not torch.equal(twin[(0, 0)]["queries"], twin[(12, 0)]["queries"])
+
+
+def test_a_description_without_val_list_trains_with_validation_off(described_root, tmp_path, capsys):
+    """No val_list: eval.every_steps=0 trains, says once that no validation will run and leaves
+    checkpoints/last; periodic validation asked for is one clear error naming val_list."""
+    text = (described_root / "dense.yaml").read_text()
+    bare = described_root / "no_val.yaml"
+    bare.write_text("\n".join(line for line in text.splitlines() if not line.startswith("val_list")) + "\n")
+    run = tmp_path / "run"
+    result = _train(bare, run, 2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("no validation will run") == 1
+    assert (run / "checkpoints" / "last").is_dir() and not (run / "checkpoints" / "best").exists()
+    command, env = _train_command(bare, tmp_path / "periodic", 2, ("--set", "eval.every_steps=5"))
+    refused = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "val_list" in refused.stderr and "eval.every_steps=0" in refused.stderr
 
 
 # --- any camera (spd.camera): labels to the canonical focal in training, back at inference -------------

@@ -5,7 +5,6 @@ same metric depth whatever size the caller gives the image at, on PyTorch and on
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +21,11 @@ SCENE_POINTS = np.array([[159.5, 119.5], [479.5, 359.5], [320.0, 240.0], [40.0, 
 
 
 @pytest.fixture(scope="module")
-def scaled_model(tmp_path_factory):
+def scaled_model(export_160):
     """v15-tiny recording 120 x 160 training frames (the demo's), saved and exported at that scale."""
-    root = tmp_path_factory.mktemp("scale")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = spd.build_model("v15-tiny", warn_random_encoder=False, image_long_side=160).eval()
-    spd.save_model(model, root / "model")
-    assert main(["export", "--model", str(root / "model"), "--out", str(root / "onnx")]) == 0  # default: 120 x 160
-    assert json.loads((root / "onnx" / "manifest.json").read_text())["width"] == 160
-    return root / "model", root / "onnx"
+    model, onnx = export_160
+    assert json.loads((onnx / "manifest.json").read_text())["width"] == 160  # `spd export`'s default: the model's scale
+    return model, onnx
 
 
 def _at_size(factor: float):

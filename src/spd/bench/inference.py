@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spd.allocator import allocator_setting
 from spd.bench.machine import cpu_facts, format_machine, kernel_facts
-from spd.bench.train_step import median_ms, sync_device, training_step_section
+from spd.bench.train_step import format_training_step, median_ms, sync_device, training_step_section
 from spd.errors import UserInputError
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
 from spd.models.build import build_model
@@ -422,12 +422,7 @@ def _format_extras(result: dict) -> list[str]:
                      f"({floor['bf16_gmac_per_s']:.0f} GMAC/s) take {floor['ms']:.1f} ms with nothing else costing anything: "
                      f"bf16/{result['dtype']} total >= {floor['over_first_dtype_total']:.2f}")
     for dtype, section in (result.get("training_step") or {}).items():
-        spd, base = section["spd"], section["baseline"]
-        lines.append(
-            f"training step ({dtype}, {section['height']}x{section['width']}, K={section['k']}, batch {section['batch']}): "
-            f"SPD {spd['s_per_image']:.3f} s/image, {spd['activation_mb_per_image']:.0f} MB activations/image; "
-            f"DAv2-S {base['s_per_image']:.3f} s/image, {base['activation_mb_per_image']:.0f} MB activations/image"
-        )
+        lines.append(format_training_step(dtype, section))
     return lines
 
 

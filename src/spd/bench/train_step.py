@@ -1,5 +1,6 @@
 """`spd bench`'s training-step section: seconds per image and activation bytes saved for backward
-per image, SPD v15 beside the DAv2-S baseline, at the plan's setting (416x544 crops, K = 256)."""
+per image, SPD v15 (with and without activation checkpointing) beside the DAv2-S baseline, at the
+plan's setting (416x544 crops, K = 256)."""
 
 from __future__ import annotations
 
@@ -111,4 +112,23 @@ def training_step_section(device: str = "cpu", dtype: str = "fp32", batch: int =
     section = {"batch": batch, "height": height, "width": width, "k": k, "dtype": dtype, "repeat": repeat}
     for name, model in models.items():
         section[name] = time_training_step(model, data, dev, dtype, repeat)
+    spd = models["spd"]
+    spd.set_activation_checkpointing(CHECKPOINTED)  # the same model, its activations recomputed in backward
+    section["spd_checkpointed"] = {**time_training_step(spd, data, dev, dtype, repeat), "parts": list(CHECKPOINTED)}
+    spd.set_activation_checkpointing(())
     return section
+
+
+CHECKPOINTED = ("encoder", "ldrm")
+
+
+def format_training_step(dtype: str, section: dict) -> str:
+    spd, base, lean = section["spd"], section["baseline"], section.get("spd_checkpointed")
+    line = (f"training step ({dtype}, {section['height']}x{section['width']}, K={section['k']}, batch {section['batch']}): "
+            f"SPD {spd['s_per_image']:.3f} s/image, {spd['activation_mb_per_image']:.0f} MB activations/image; "
+            f"DAv2-S {base['s_per_image']:.3f} s/image, {base['activation_mb_per_image']:.0f} MB activations/image")
+    if lean:
+        line += (f"; SPD with activation checkpointing ({', '.join(lean['parts'])}) {lean['s_per_image']:.3f} s/image "
+                 f"({lean['s_per_image'] / spd['s_per_image']:.2f}x), {lean['activation_mb_per_image']:.0f} MB "
+                 f"activations/image ({lean['activation_mb_per_image'] / base['activation_mb_per_image']:.2f} of DAv2-S's)")
+    return line

@@ -20,6 +20,8 @@ def add_parser(subparsers) -> None:
                    help="also time SPD's decode compiled (fullgraph, one static graph per K; CUDA graphs on CUDA) at these K")
     p.add_argument("--no-train-step", action="store_true",
                    help="skip the training-step section (416x544, K=256: seconds and activation bytes per image)")
+    p.add_argument("--train-step-only", action="store_true",
+                   help="only the training-step section (SPD with and without activation checkpointing, DAv2-S)")
     p.add_argument("--repeat", type=positive_int, default=7, help="timed runs per figure; the median is reported (default 7)")
     p.add_argument("--baseline-input", choices=["fair", "official"], default="fair",
                    help="fair: 476x644 for 480x640 (same pixel count); official: short side 518")
@@ -36,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")
     check_output_file(args.plot, "--plot")
     ks, compile_ks = args.k, args.compile_decode or ()
+    if args.train_step_only:
+        return _train_step_only(args)
     result = run_bench(args.height, args.width, ks, args.device, tuple(args.dtype.split(",")), args.compile, args.repeat,
                        args.baseline_input, compile_ks, not args.no_train_step, args.backend == "onnx")
     print(format_bench(result))
@@ -43,4 +47,21 @@ def run(args: argparse.Namespace) -> int:
         write_json(result, args.json)
     if args.plot:
         save_plot(result, args.plot)
+    return 0
+
+
+def _train_step_only(args: argparse.Namespace) -> int:
+    import torch
+
+    from spd.bench.inference import write_json
+    from spd.bench.machine import cpu_facts
+    from spd.bench.train_step import format_training_step, training_step_section
+
+    dtypes = args.dtype.split(",")
+    result = {"training_step": {dtype: training_step_section(args.device, dtype, repeat=args.repeat) for dtype in dtypes},
+              "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_facts()}
+    for dtype, section in result["training_step"].items():
+        print(format_training_step(dtype, section))
+    if args.json:
+        write_json(result, args.json)
     return 0

@@ -52,4 +52,6 @@ def run(args: argparse.Namespace) -> int:
     if result["last_val"] is not None:
         print(f"step {result['step']}: val abs_rel {result['last_val']['abs_rel']:.4f} "
               f"(best {result['best_abs_rel']:.4f}); model folder: {args.out}/checkpoints/best")
+    else:
+        print(f"step {result['step']}: no validation; model folder: {args.out}/checkpoints/last")
     return 0

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from spd.config.checks import Rule, check_config, non_negative, optional, positive
 from spd.errors import ConfigError
 
-PresetName = Literal["v15", "v15-tiny"]
+PresetName = Literal["v15", "v14", "v15-tiny"]
 
 
 @dataclass
@@ -91,6 +91,10 @@ def check_ldrm_patch(patch: int) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # The plan's v15 (DESIGN.md §3).
     "v15": dict(),
+    # The plan's v14 column (its §2.1, §9; DESIGN.md §11): Q2Q self-attention in every decoder layer,
+    # 2 L4 self-attention layers, L3/L4 projected to d in the neck with identity value maps, no LDRM
+    # (the canvas L2 dense head trains it, as every preset).
+    "v14": dict(global_projection=True, q2q_self_attn=True, l4_self_attn_layers=2, use_ldrm=False),
     # Same code, small widths and the atto encoder: CPU tests and the synthetic demo.
     "v15-tiny": dict(
         encoder_name="convnextv2_atto",

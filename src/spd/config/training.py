@@ -138,11 +138,16 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     save_first_step_grads: bool = False  # write RUN_DIR/first_step_grads.safetensors (scale-out checks)
     init_from: str | None = None  # a saved SPD model folder whose weights start the run (fine-tuning; new optimiser)
+    # Parts whose activations are recomputed in backward instead of kept (SPD only; exact): "encoder",
+    # "ldrm". Both: ~0.3 of the activation memory for ~1.2x the step time (docs/speed.md, training step).
+    activation_checkpointing: list[str] = field(default_factory=list)
 
     RULES: ClassVar[dict[str, Rule]] = {
         "epochs": (positive, "> 0"), "max_steps": (optional(positive), "null or > 0"), "batch_size": (positive, "> 0"),
         "accum_steps": (positive, "> 0"), "seed": (non_negative, ">= 0"), "log_every": (positive, "> 0"),
         "ckpt_every": (positive, "> 0"), "keep_last": (non_negative, ">= 0"), "max_nonfinite": (positive, "> 0"),
+        "activation_checkpointing": (lambda parts: isinstance(parts, list) and set(parts) <= {"encoder", "ldrm"},
+                                     'a list of "encoder", "ldrm"'),
     }
 
     def model_config(self) -> ModelConfig:

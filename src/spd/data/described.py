@@ -5,7 +5,7 @@
                                   # absolute), then optional fx fy cx cy
     depth_scale: 1000.0           # label PNG units per metre (NYU 1000, KITTI 256)
     intrinsics: [fx, fy, cx, cy]  # default for lines that give none (optional)
-    val_list: val.txt             # samples for validation during `spd train` (same format; needed to train)
+    val_list: val.txt             # samples for validation during `spd train` (same format; without it: eval.every_steps=0)
 
 Label kinds, by file:
 - a depth map: a 16-bit PNG (value / depth_scale metres) or an `.npy` float array in metres, H x W

@@ -80,8 +80,11 @@ def read_filelist(root: str | Path, filelist: str | Path) -> list[SplitEntry]:
     return entries
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return zlib.crc32(f"{seed}:{epoch}:{index}".encode())
+def sample_seed(seed: int, epoch: int, index: int, draw: str | None = None) -> int:
+    """The seed of one sample's augmentation and queries; `draw` (a mixed run's "part:position") makes
+    each draw of the sample its own (without it, the seed of every earlier run)."""
+    key = f"{seed}:{epoch}:{index}" if draw is None else f"{seed}:{epoch}:{index}@{draw}"
+    return zlib.crc32(key.encode())
 
 
 class DepthDataset(Dataset):
@@ -124,7 +127,9 @@ class DepthDataset(Dataset):
         sparse-label datasets return depth None and a sixth item, points (N, 3) u, v, depth_m."""
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, str]) -> dict:
+        """Sample `key`: an index, or (index, draw) from `MixedDataset` (the draw seeds its randomness too)."""
+        index, draw = key if isinstance(key, tuple) else (key, None)
         rgb, depth, focal, sample_id, where, *rest = self.load(index)
         points = torch.from_numpy(rest[0]).float() if rest and rest[0] is not None else None
         if depth is None:
@@ -133,7 +138,7 @@ class DepthDataset(Dataset):
             raise DataError(where, f"depth is {depth.shape[1]}x{depth.shape[0]} but the RGB is {rgb.shape[1]}x{rgb.shape[0]}")
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
         depth_t = torch.from_numpy(np.ascontiguousarray(depth))[None]
-        image, depth_t, uv, generator, zoomed = self._augment(index, image, depth_t, points, where)
+        image, depth_t, uv, generator, zoomed = self._augment(index, image, depth_t, points, where, draw)
         if focal is not None:
             focal = focal * zoomed  # an enlarged image is a longer lens (spd.camera)
         if points is not None:
@@ -148,7 +153,7 @@ class DepthDataset(Dataset):
             sample["queries"], sample["query_mask"] = queries, mask
         return sample
 
-    def _augment(self, index: int, image, depth_t, points, where: str):
+    def _augment(self, index: int, image, depth_t, points, where: str, draw: str | None = None):
         """(image, depth, moved points (N, 2) or None, the sample's query generator or None, the zoom
         factor applied to the focal length)."""
         uv = points[:, :2] if points is not None else None
@@ -160,7 +165,7 @@ class DepthDataset(Dataset):
             if uv is not None:
                 uv = uv - torch.tensor([float(self.valid_box[0]), float(self.valid_box[1])])
             transform = self.box_transform
-        seed = sample_seed(self.seed, self.epoch, index)
+        seed = sample_seed(self.seed, self.epoch, index, draw)
         zoomed = 1.0
         if self.zoom > 1:  # its own generator: the other draws stay those of a run without zoom
             image, depth_t, uv, zoomed = random_zoom(image, depth_t, uv, self.zoom, torch.Generator().manual_seed(seed + 1))

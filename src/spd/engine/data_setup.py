@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from torch.utils.data import DataLoader, DistributedSampler
@@ -14,10 +15,11 @@ from spd.errors import ConfigError, DataLayoutError
 from spd.config.training import TrainConfig
 
 
-def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYUDepth]:
+def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYUDepth | None]:
     """Train and validation datasets of a dataset root (NYU's BTS layout or `spd synth` output; split
     lists by `resolve_split_list`) or a dataset description .yaml; with `data.mix`, the training set
-    is a `MixedDataset` of it and the mixed-in ones (validation stays on the --data-root dataset)."""
+    is a `MixedDataset` of it and the mixed-in ones (validation stays on the --data-root dataset). The
+    validation set is None for a description without `val_list` when eval.every_steps is 0."""
     root = Path(data_root)
     d, e = cfg.data, cfg.eval
     train = training_set(root, cfg)
@@ -25,6 +27,8 @@ def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYU
         train = MixedDataset([train, *(training_set(Path(entry["dataset"]), cfg) for entry in d.mix)])
     if is_description(root):  # your own data: validation on the description's `val_list`
         description = (train.parts[0] if d.mix else train).description
+        if not description.val_frames:
+            return train, _no_validation(description.source, e.every_steps)
         val = DescribedDepth(description, "test", "val_list", num_queries=e.num_queries, min_depth=e.min_depth,
                              max_depth=e.max_depth, seed=e.seed)
         return train, val
@@ -33,6 +37,17 @@ def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYU
         min_depth=e.min_depth, max_depth=e.max_depth, seed=e.seed, eval_crop=e.crop,
     )
     return train, val
+
+
+def _no_validation(source, every_steps: int) -> None:
+    """A description without `val_list`: training runs without validation when it is off
+    (eval.every_steps=0), and says so once; with periodic validation asked for, a clear error."""
+    if every_steps:
+        raise ConfigError(f"{source}: no 'val_list' samples for validation every {every_steps} steps: add a "
+                          "val_list: file of samples, or --set eval.every_steps=0 to train without validation")
+    if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun process
+        print(f"{source} has no val_list: no validation will run (checkpoints/last is the model; no checkpoints/best)")
+    return None
 
 
 def training_set(root: Path, cfg: TrainConfig):

@@ -162,8 +162,11 @@ def checkpoint(session: Session, state: TrainState, name: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def validate(session: Session, state: TrainState) -> dict[str, float]:
-    """Sparse-protocol validation; a new best score writes checkpoints/best."""
+def validate(session: Session, state: TrainState) -> dict[str, float] | None:
+    """Sparse-protocol validation; a new best score writes checkpoints/best. None when the run has no
+    validation set (a description without val_list, eval.every_steps=0)."""
+    if session.val_set is None:
+        return None
     cfg, info, model = session.cfg, session.info, session.model
     model.eval()
     metrics, _ = evaluate(

@@ -17,7 +17,7 @@ from spd.errors import RunFolderError
 # Settings a resumed run may change without breaking exactness of what was already trained.
 RESUMABLE_CHANGES = {
     "max_steps", "epochs", "log_every", "ckpt_every", "keep_last", "max_nonfinite", "data.workers",
-    "eval.every_steps", "eval.limit",
+    "eval.every_steps", "eval.limit", "activation_checkpointing",  # recomputation: the same numbers
 }
 
 

@@ -27,6 +27,7 @@ from spd.engine.loop import Session, TrainState, checkpoint, train_one_epoch, va
 from spd.engine.runlog import Preemption, RunFolderGuard, RunLogger, truncate_metrics
 from spd.models.spd import SPD
 from spd.config.training import TrainConfig, save_config
+from spd.errors import ConfigError
 
 
 def lr_schedule(total_steps: int, warmup_steps: int, kind: str = "cosine", min_ratio: float = 0.01) -> np.ndarray:
@@ -44,8 +45,13 @@ def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.architecture == "dav2-small":
         from spd.models.baseline import DepthAnythingBaseline
 
+        if cfg.activation_checkpointing:
+            raise ConfigError("activation_checkpointing applies to SPD (encoder, ldrm), not to the dav2-small baseline")
+
         return DepthAnythingBaseline(cfg.baseline.weights, cfg.baseline.input_mode, cfg.baseline.max_depth)
-    return SPD(cfg.model_config())
+    model = SPD(cfg.model_config())
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    return model
 
 
 # May differ in --init-from: where the encoder's first weights came from, exact speed knobs, and the

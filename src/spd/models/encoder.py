@@ -162,6 +162,13 @@ class Encoder(nn.Module):
         if self.foldable:  # the fold scales fc2's weight in fp32 per image: a bf16 copy would round it twice
             keep_fp32(*(b.mlp.fc2 for s in stages for b in s.blocks))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Training memory: timm's per-block checkpointing in every ConvNeXt stage (each block's
+        activations recomputed in backward from its input; stochastic depth's RNG state is replayed)."""
+        for _, module in self.backbone.items():
+            if isinstance(module, ConvNeXtStage):
+                module.grad_checkpointing = enable
+
     def forward(self, images: torch.Tensor, folded: bool = False) -> list[torch.Tensor]:
         """`folded` (inference only: the caller decides, see `SPD.inference_paths`) runs the blocks
         through `convnextv2_block_folded` when every block supports it."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from spd.config.model import check_ldrm_patch
 from spd.geometry.windows import gather_windows
@@ -49,6 +50,7 @@ class LocalRefinement(nn.Module):
         self.register_buffer("window_cells", torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1), persistent=False)
         self.register_buffer("axis_code", torch.tensor([1, 2]), persistent=False)
         self.patch = patch
+        self.checkpointing = False  # training: recompute full_patch in backward instead of keeping its activations
         self.conv_mid = nn.Conv2d(in_dim, mid_dim, kernel_size=3, padding=1)
         self.conv_residual = nn.Conv2d(in_dim, mid_dim, kernel_size=1)
         self.conv_out = nn.Conv2d(mid_dim, out_dim, kernel_size=3, padding=1)
@@ -84,7 +86,10 @@ class LocalRefinement(nn.Module):
         offset_px = queries - (origin * L1_STRIDE).to(queries.dtype)  # (B, K, 2), in [4c, 4c+4)
         if return_patch or rows is None:
             patches = self.gather_patch_cells(l1, origin, self.patch)
-            feat = self.full_patch(patches)  # (B*K, D, 4P, 4P)
+            if self.checkpointing and torch.is_grad_enabled():  # exact: the same ops again in backward
+                feat = checkpoint(self.full_patch, patches, use_reentrant=False)
+            else:
+                feat = self.full_patch(patches)  # (B*K, D, 4P, 4P)
             local = self._sample(feat, offset_px)
             feat_patch = feat.view(batch, num_queries, *feat.shape[1:]) if return_patch else None
             return local.view(batch, num_queries, -1), feat_patch

@@ -35,6 +35,9 @@ from spd.models.splat import make_splat_plan
 MODEL_TYPE = "spd"  # config.json's model_type of an SPD folder
 
 
+CHECKPOINTABLE = ("encoder", "ldrm")  # `SPD.set_activation_checkpointing` parts
+
+
 class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-estimation", "sparse-depth"]):
     """Sparse query-point depth, v15 (DESIGN.md §3).
 
@@ -58,7 +61,8 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         self.l4_self_attn = (
             L4SelfAttention(level_dims[3], cfg.l4_self_attn_layers, cfg.n_heads) if cfg.l4_self_attn_layers else None
         )
-        self.coarse_proj = CoarseProjection(level_dims[2], level_dims[3], cfg.d_model)
+        # v14 (global_projection): the neck already projected L3/L4 to d, which the canvas and seed read as they are
+        self.coarse_proj = None if cfg.global_projection else CoarseProjection(level_dims[2], level_dims[3], cfg.d_model)
         self.global_kv = GlobalKeyValues(level_dims[3], cfg.d_model, cfg.n_heads, cfg.n_global_layers)
         self.seed = QuerySeed(cfg.d_model, cfg.fourier_freqs)
         # L3/L4 get per-head value projections unless the neck already made them d-wide (v14 style).
@@ -89,6 +93,17 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         return self.config.canonical_focal
 
     # ------------------------------------------------------------------------------------------
+    def set_activation_checkpointing(self, parts: list[str] | tuple[str, ...]) -> None:
+        """Training memory: recompute these parts' activations in backward instead of keeping them
+        ("encoder": timm's per-block checkpointing of every ConvNeXt stage; "ldrm": the 28x28 patch
+        upsampling of every query). Exact: the same ops run again (test); costs their forward time once more."""
+        unknown = set(parts) - set(CHECKPOINTABLE)
+        if unknown:
+            raise ValueError(f"activation checkpointing knows {list(CHECKPOINTABLE)}, not {sorted(unknown)}")
+        self.encoder.set_grad_checkpointing("encoder" in parts)
+        if self.ldrm is not None:
+            self.ldrm.checkpointing = "ldrm" in parts
+
     def inference_paths(self, requested: InferencePaths | None = None) -> InferencePaths:
         """The one decision of fast vs reference paths. Inference (eval mode, no autograd) takes the
         config's fast paths, or `requested` when given; anything else runs the reference paths, and
@@ -119,7 +134,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         l1, l2, l3, l4 = self.neck(self.encoder(pad_image(images), folded=paths.encoder))
         if self.l4_self_attn is not None:
             l4 = self.l4_self_attn(l4)
-        proj_l3, proj_l4 = self.coarse_proj(l3, l4)
+        proj_l3, proj_l4 = self.coarse_proj(l3, l4) if self.coarse_proj is not None else (l3, l4)
         global_kv = self.global_kv(l4)
         # Channels-last: MSDA's value projection then writes rows, as the row table stores them.
         l1, l2 = (m.contiguous(memory_format=torch.channels_last) for m in (l1, l2))

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from spd.serve.limits import Limits
 from spd.serve.loadcheck import _drive, _png, _rss_mb, _peak_rss_mb, fill_cache, free_port, start_server, stop_server
 
 OVERSIZE = 2  # oversized bodies are this many times their limit
@@ -123,7 +124,7 @@ def payloads(bomb_side: int, huge_side: int) -> dict[str, bytes]:
 def _hostile_loop(url: str, kind: str, stop: float, tally: _Tally, limits: dict, images: dict) -> None:
     import httpx
 
-    head, multipart, boundary = FILE_HEAD, MULTIPART, BOUNDARY
+    head, multipart = FILE_HEAD, MULTIPART
     bomb, huge_bomb, small = images["bomb"], images["huge_bomb"], images["small"]
     with httpx.Client(base_url=url, timeout=120) as client:
         turn = 0
@@ -141,7 +142,7 @@ def _hostile_loop(url: str, kind: str, stop: float, tally: _Tally, limits: dict,
                 _send(client, tally, f"pixel bomb {'under' if turn % 2 == 0 else 'over'} the cap",
                       url="/v1/encode", files={"image": ("bomb.png", image, "image/png")})
             elif kind == "slow":
-                body = head + small + f"\r\n--{boundary}--\r\n".encode()
+                body = head + small + f"\r\n--{BOUNDARY}--\r\n".encode()
                 _send(client, tally, "slow upload", url="/v1/encode", headers=multipart,
                       content=_slow(body))
             turn += 1
@@ -222,7 +223,8 @@ def run_hostile(model: str, clients: int = 8, seconds: float = 30.0, points: int
         with httpx.Client(base_url=url, timeout=120) as client:
             ids = fill_cache(client, images, 480, 640)
             info = client.get("/v1/info").json()["limits"]
-        limits = {"upload": info["max_upload_bytes"], "json": 4096 + info["max_points"] * 48}
+        served = Limits(**info)  # the server's own limits, so the oversized bodies are oversized for it
+        limits = {"upload": served.max_upload_bytes, "json": served.max_json_bytes}
         idle = _rss_mb(server.pid)
         with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as others:
             others.submit(time.sleep, 0).result()  # both started before the clock runs

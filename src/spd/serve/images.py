@@ -1,8 +1,9 @@
 """Uploaded image bytes -> the image the model sees, with as little memory as the format allows.
 
 Runs in the service's decoding pool, never on the event loop. The pixel cap is checked from the
-header before anything is decoded. A JPEG larger than twice the model's size is decoded at a reduced
-scale (libjpeg's DCT scaling, `Image.draft`): a 6000 x 4000 photo costs ~1/64 of the memory and time.
+header before anything is decoded. A JPEG at least four times the model's size is decoded at a reduced
+scale (libjpeg's DCT scaling, `Image.draft`) that still leaves twice the model's size: for a 6000 x 4000
+photo and a 640-px model, 1/16 of the pixels.
 Every other format is decoded whole, then resized to the model's size in Pillow and the full-size
 pixels freed at once. Without draft mode the result equals `Predictor.prepare` of the same file
 exactly (test); with it, a JPEG's pixels differ slightly from a full decode (documented on the serving

@@ -20,7 +20,7 @@ from spd.models.encoder_weights import EncoderWeightsError
 SRC = Path(__file__).resolve().parents[1] / "src" / "spd"
 # Taken before the CLI became a package (issue 24); since then changed only by commits that change a flag
 # on purpose (issue 25: predict's --long-side, export's default size from the model's pixel scale; issue 29:
-# serve's limits and loadcheck --hostile).
+# serve's limits and loadcheck --hostile; issue 30: the new `spd ablate`).
 HELP_COPY = Path(__file__).resolve().parent / "fixtures" / "cli_help.txt"
 
 
@@ -104,10 +104,10 @@ for line in sys.stdin.read().splitlines():
 
 def test_every_help_text_is_the_one_taken_before_the_cli_became_a_package():
     """`spd --help`, `spd <command> --help` and `spd data check --help`, word for word (COLUMNS=100;
-    one process for all thirteen)."""
+    one process for all fourteen)."""
     expected = HELP_COPY.read_text()
     titles = [line[4:] for line in expected.splitlines() if line.startswith("=== ")]
-    assert len(titles) == 13
+    assert len(titles) == 14
     env = {**os.environ, "COLUMNS": "100"}
     result = subprocess.run([sys.executable, "-c", HELP_SCRIPT], input="\n".join(titles), capture_output=True, text=True,
                             env=env)

@@ -9,7 +9,7 @@ from spd.errors import UserInputError
 
 
 def load_any_model(spec: str, device: str):
-    """A model folder / Hub id, `median:<metres>` (a constant predictor) or `baseline:<folder|random>`."""
+    """A model folder (SPD or dense control) / Hub id, `median:<metres>` (a constant predictor) or `baseline:<folder|random>`."""
     if spec.startswith("median:"):
         from spd.models.constant import ConstantDepth
 
@@ -24,8 +24,11 @@ def load_any_model(spec: str, device: str):
         from spd.models.baseline import load_baseline
 
         return load_baseline(spec.split(":", 1)[1], device=device)
+    from spd.models.dense_control import is_dense_control_folder, load_dense_control
     from spd.models.spd import load_model
 
+    if is_dense_control_folder(spec):
+        return load_dense_control(spec, device)
     return load_model(spec, device)
 
 

@@ -79,7 +79,7 @@ class LossConfig:
     canvas_weight: float = 0.5
     patch_weight: float = 0.3
     silog_lambda: float = 0.5
-    dense_weight: float = 1.0  # baseline only: SILog of its full dense map, beside the sparse term
+    dense_weight: float = 1.0  # dense models only (baseline, dense control): SILog of the full map, beside the sparse term
 
     RULES: ClassVar[dict[str, Rule]] = {
         "canvas_weight": (non_negative, ">= 0"), "patch_weight": (non_negative, ">= 0"),
@@ -116,7 +116,8 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    architecture: Literal["spd", "dav2-small"] = "spd"  # "dav2-small" trains the dense baseline instead
+    # "dav2-small": the dense DAv2-S baseline; "dense-control": SPD's encoder + neck with a dense head (§11)
+    architecture: Literal["spd", "dav2-small", "dense-control"] = "spd"
     preset: str = "v15"
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset's ModelConfig
     baseline: BaselineConfig = field(default_factory=BaselineConfig)

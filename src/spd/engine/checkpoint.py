@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from spd.models.folder import MODEL_FILE, CheckpointError, fsync_path, read_weights
+from spd.models.dense_control import DenseControl, save_dense_control
 from spd.models.spd import SPD, save_model
 
 STATE_FILE = "training_state.pt"
@@ -52,7 +53,7 @@ def save_checkpoint(folder: Path, model, training_state: dict) -> None:
     renamed into place. A failure (a full disk) removes the temp folder, leaves the previous
     checkpoint as it was, and raises CheckpointError saying so.
 
-    SPD models get `save_model`'s folder; the DAv2-S baseline a Hugging Face folder (its
+    SPD models get `save_model`'s folder, the dense control `save_dense_control`'s; the DAv2-S baseline a Hugging Face folder (its
     `save_pretrained`), readable by `load_baseline` / `spd eval --model baseline:FOLDER`.
     """
     folder = Path(folder)
@@ -61,6 +62,8 @@ def save_checkpoint(folder: Path, model, training_state: dict) -> None:
     try:
         if isinstance(model, SPD):
             save_model(model, tmp)
+        elif isinstance(model, DenseControl):
+            save_dense_control(model, tmp)
         else:
             tmp.mkdir(parents=True)
             model.save_pretrained(tmp)
@@ -103,7 +106,7 @@ def find_resumable(checkpoints: Path) -> Path | None:
 
 def load_checkpoint_weights(model, folder: Path) -> None:
     """Puts a checkpoint folder's weights into the model being trained (resume)."""
-    if isinstance(model, SPD):
+    if isinstance(model, (SPD, DenseControl)):
         model.load_state_dict(read_weights(folder / MODEL_FILE))
     else:
         try:

@@ -41,6 +41,7 @@ class TrainState:
     micro_in_epoch: int = 0
     best_abs_rel: float = math.inf
     nonfinite_total: int = 0  # optimiser steps skipped for a non-finite loss or gradient
+    finished: bool = False  # the step budget was reached and the final validation ran (`run_finished`)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from spd.engine.checkpoint import find_resumable, load_checkpoint_weights, load_
 from spd.engine.data_setup import EpochPlan, resolve_data
 from spd.engine.loop import Session, TrainState, checkpoint, train_one_epoch, validate
 from spd.engine.runlog import Preemption, RunFolderGuard, RunLogger, truncate_metrics
+from spd.models.dense_control import DenseControl
 from spd.models.spd import SPD
 from spd.config.training import TrainConfig, save_config
 from spd.errors import ConfigError
@@ -41,7 +42,8 @@ def lr_schedule(total_steps: int, warmup_steps: int, kind: str = "cosine", min_r
 
 
 def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
-    """The model a config trains: SPD (its preset + overrides) or the DAv2-S baseline."""
+    """The model a config trains: SPD (its preset + overrides), the dense control on the same
+    encoder and neck (spd.models.dense_control), or the DAv2-S baseline."""
     if cfg.architecture == "dav2-small":
         from spd.models.baseline import DepthAnythingBaseline
 
@@ -49,7 +51,14 @@ def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
             raise ConfigError("activation_checkpointing applies to SPD (encoder, ldrm), not to the dav2-small baseline")
 
         return DepthAnythingBaseline(cfg.baseline.weights, cfg.baseline.input_mode, cfg.baseline.max_depth)
-    model = SPD(cfg.model_config())
+    if cfg.architecture == "dense-control":
+        from spd.models.dense_control import DenseControl
+
+        if "ldrm" in cfg.activation_checkpointing:
+            raise ConfigError("activation_checkpointing: the dense control has no LDRM (only 'encoder' applies)")
+        model = DenseControl(cfg.model_config())
+    else:
+        model = SPD(cfg.model_config())
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     return model
 
@@ -81,10 +90,10 @@ def init_weights_from(model: torch.nn.Module, folder: str) -> dict:
 
 
 def record_pixel_scale(model: torch.nn.Module, train_set) -> None:
-    """An SPD model without an explicit `image_long_side` records its training frames' long side, so
+    """An SPD model (or dense control) without an explicit `image_long_side` records its training frames' long side, so
     that every later use feeds images at this pixel scale (spd.cameras.scale). Read from the first
     training frame (mixed sets share one size); a crop does not change the pixel scale."""
-    if not isinstance(model, SPD) or model.config.image_long_side is not None:
+    if not isinstance(model, (SPD, DenseControl)) or model.config.image_long_side is not None:
         return
     first = train_set.parts[0] if hasattr(train_set, "parts") else train_set
     height, width = first.load(0)[0].shape[:2]
@@ -178,6 +187,13 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
             guard.release()
 
 
+def run_finished(run_dir: str | Path) -> bool:
+    """True when `run_dir` holds a run that reached its step budget (its last checkpoint says so);
+    False for no run, an interrupted one, or one saved before checkpoints recorded it."""
+    last = find_resumable(Path(run_dir) / "checkpoints")
+    return last is not None and bool(load_training_state(last)["progress"].get("finished", False))
+
+
 def _release_unfinished(guard: RunFolderGuard | None, run_dir: Path, info) -> None:
     """After a failure: a run with no checkpoint yet is cleared (its logs would block the rerun), then unlocked."""
     if guard is None:
@@ -200,6 +216,7 @@ def run_epochs(session: Session, state: TrainState, progress: bool) -> dict:
             stopped = train_one_epoch(session, state, bar)
         if stopped != "preempted":
             last_val = validate(session, state)
+            state.finished = True
         checkpoint(session, state, "last")
         if stopped == "preempted" and info.is_main:
             print(f"{session.preemption.requested}: saved {session.ckpt_dir / 'last'} at step {state.step}; "

@@ -71,6 +71,19 @@ class DenseDepth:
         return self.depth.shape[0]
 
 
+def sample_dense_map(
+    features: DenseDepth, queries: torch.Tensor, mask: torch.Tensor | None = None, check_values: bool = True
+) -> torch.Tensor:
+    """Depth (B, K) metres at pixel queries (B, K, 2), bilinear on the map with the project's pixel
+    convention (DESIGN.md §2); padded queries (mask False) are 0. Every dense model's `decode`."""
+    mask = validate_queries(queries, features.image_size, mask, features.batch_size, check_values)
+    if queries.shape[1] == 0:
+        return queries.new_zeros(queries.shape[0], 0)
+    queries = torch.where(mask.unsqueeze(-1), queries, torch.zeros_like(queries))
+    grid = pixel_to_grid(queries, features.image_size)
+    return sample_at(features.depth, grid)[..., 0] * mask
+
+
 class DepthAnythingBaseline(nn.Module):
     """Shape:
         encode: images (B, 3, H, W) ImageNet-normalised -> DenseDepth (B, 1, H, W) metres.
@@ -121,12 +134,7 @@ class DepthAnythingBaseline(nn.Module):
     def decode(
         self, features: DenseDepth, queries: torch.Tensor, mask: torch.Tensor | None = None, check_values: bool = True
     ) -> torch.Tensor:
-        mask = validate_queries(queries, features.image_size, mask, features.batch_size, check_values)
-        if queries.shape[1] == 0:
-            return queries.new_zeros(queries.shape[0], 0)
-        queries = torch.where(mask.unsqueeze(-1), queries, torch.zeros_like(queries))
-        grid = pixel_to_grid(queries, features.image_size)
-        return sample_at(features.depth, grid)[..., 0] * mask
+        return sample_dense_map(features, queries, mask, check_values)
 
     def forward(
         self, images: torch.Tensor, queries: torch.Tensor, mask: torch.Tensor | None = None, return_aux: bool = False,

@@ -27,6 +27,7 @@ SKIP_COMMANDS = {
     "spd serve": "runs until stopped (the service has test_serve.py)",
     "spd loadcheck": "takes 30 s and more (test_serve.py runs a short one)",
     "spd demo": "takes minutes (make demo)",
+    "runs/ablation ": "trains eight models for half an hour (its smoke test is in test_ablation.py)",
 }
 # `spd train` in a page is cut to a few steps and `spd synth` to a few rooms; everything else runs as written.
 TRAIN_CUT = ["--max-steps", "2", "--set", "data.workers=0", "--set", "eval.limit=2"]

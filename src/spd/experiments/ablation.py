@@ -157,7 +157,8 @@ def run_ablation(config: str, data_root: str | Path, out: str | Path, variants: 
             log(f"{variant.name}: trained already ({run_dir})")
         else:
             log(f"{variant.name}: training in {run_dir}")
-            if train(cfg, data_root, run_dir, resume=True, progress=progress)["stopped"] == "preempted":
+            resume = run_dir.exists()  # an interrupted run continues; a new one starts without a notice
+            if train(cfg, data_root, run_dir, resume=resume, progress=progress)["stopped"] == "preempted":
                 return {"stopped": "preempted", "variant": variant.name}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random-encoder notices: the weights come from the run

@@ -53,7 +53,7 @@ def write_report(out: Path, rows: list[dict], config: str, data_root: str, sets:
     report = {
         "command": shlex.join(["spd", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("spd", "__main__.py") else None,
         "config": config, "data_root": data_root, "sets": sets, "max_steps": max_steps,
-        "machine": cpu_facts()["model"], "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": cpu_facts()["model"], "cpu": cpu_facts(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "rows": rows,
     }
     (out / "ablation.json").write_text(json.dumps(report, indent=2))
@@ -67,7 +67,8 @@ def write_report(out: Path, rows: list[dict], config: str, data_root: str, sets:
         "# Ablation", "",
         f"Config `{config}`{extra}, data `{data_root}`, {steps} steps per variant. Sparse protocol on the test split (final weights); "
         f"total(K): encode + decode K points of one {timed[0]}x{timed[1]} image, fp32, median of round-robin "
-        f"runs on {report['machine']} ({report['threads']} threads), all variants in one process.", "",
+        f"runs on {report['machine']} ({', '.join(report['cpu']['isa_flags'])}; {report['threads']} threads), "
+        "all variants in one process.", "",
         *table_rows(rows), "", f"![abs_rel against total({plot_k}) ms](ablation.png)", "",
     ]
     if report["command"]:

@@ -72,6 +72,53 @@ def test_decoder_k_is_symbolic_in_the_saved_graph(exported):
     assert not any(node.op_type in ("GridSample", "Loop", "ScatterND") and _adds(node) for node in graph.node)
 
 
+def test_exported_forms_agree_with_the_eager_ones_and_leave_no_buffer_copies(exported, tiny_model, monkeypatch):
+    """Issue 27's exported forms, run eagerly, against the forms PyTorch runs: the canvas cascade that
+    writes the whole buffer once (under `export_ops`) and GRN's sum of squares as a MatMul with ones
+    (when exporting). The saved decoder has no ScatterND at all (the in-place form's buffer copies)."""
+    import torch
+
+    from spd.models import encoder
+    from spd.models.rows import export_ops
+
+    image = torch.randn(1, 3, 96, 128)
+    queries = torch.rand(1, 300, 2) * torch.tensor([127.0, 95.0])
+    with torch.no_grad():
+        features = tiny_model.encode(image)
+        want = tiny_model.decode(features, queries)
+        with export_ops():
+            got = tiny_model.decode(features, queries)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    x = torch.randn(2, 24, 32, 40)
+    slices = encoder._spatial_sum_of_squares(x)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    torch.testing.assert_close(encoder._spatial_sum_of_squares(x), slices, rtol=1e-5, atol=0)
+    graph = onnx.load(str(exported[1] / "decoder.onnx"), load_external_data=False).graph
+    assert not [node.name for node in graph.node if node.op_type == "ScatterND"]
+
+
+def test_ort_profile_sums_node_time_per_op_type_after_the_warm_up_run(exported):
+    """`spd bench --backend onnx`'s profile: the warm-up run's events are left out, the rest summed per
+    op type and divided by the runs; a real graph's times come back largest first."""
+    import onnxruntime as ort
+
+    from spd.bench.onnx_profile import _sum_by_op_type, op_type_times, top_ops
+    from spd.export.runtime import session_options
+
+    def node(op, ts, dur):
+        return {"cat": "Node", "name": f"{op}_1_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [{"name": "model_run", "ts": 0, "dur": 100}, node("Conv", 10, 5000), node("Conv", 150, 3000),
+              {"name": "model_run", "ts": 120, "dur": 100}, node("Conv", 250, 1000), node("MatMul", 260, 4000),
+              {"name": "model_run", "ts": 240, "dur": 100}]
+    assert _sum_by_op_type(events, runs=2) == {"MatMul": 2.0, "Conv": 2.0}
+    times = op_type_times(ort, exported[1] / "encoder.onnx", session_options(ort, 1),
+                          {"image": np.zeros((1, 3, 480, 640), dtype=np.float32)}, runs=2)
+    assert times and all(t > 0 for t in times.values()) and list(times.values()) == sorted(times.values(), reverse=True)
+    assert "Conv" in times  # ORT's fused op types (Gemm, FusedConv, ...) vary with its version; its convolutions stay
+    assert sum(share for _, _, share in top_ops(times, n=len(times))) == pytest.approx(1.0, abs=0.01)
+
+
 def _adds(node) -> bool:
     """GridSample and Loop always count; ScatterND only with reduction add (the racy one)."""
     if node.op_type != "ScatterND":

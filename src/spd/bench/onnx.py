@@ -12,9 +12,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from spd.bench.onnx_profile import format_profile, op_type_times, top_ops
 from spd.bench.train_step import median_ms
 from spd.export.onnx_export import export_onnx
 
@@ -50,20 +52,20 @@ def onnx_section(spd_model, baseline, image: torch.Tensor, queries: dict[int, to
     """ONNX Runtime rows: SPD encode, decode(K), total(K) paired with the baseline's total(K), ratios."""
     import onnxruntime as ort
 
-    from spd.export.runtime import OnnxPredictor
+    from spd.export.runtime import OnnxPredictor, describe_session_options, session_options
 
     height, width = image.shape[-2:]
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(spd_model, tmp, height, width, any_scale=True)  # timing only
         export_baseline(baseline, Path(tmp) / "baseline.onnx", height, width)
         predictor = OnnxPredictor(tmp, threads=threads)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options = session_options(ort, threads)  # the predictor's own options: the same for both models
         base_session = ort.InferenceSession(str(Path(tmp) / "baseline.onnx"), options, providers=["CPUExecutionProvider"])
         image_np = image.cpu().numpy()
         encode = lambda: predictor._encode_tensor(image.cpu())  # noqa: E731
         features = encode()
-        result: dict = {"spd": {"decode_ms": {}, "total_ms": {}}, "baseline": {}, "ratio_total": {}, "threads": threads}
+        result: dict = {"spd": {"decode_ms": {}, "total_ms": {}}, "baseline": {}, "ratio_total": {}, "threads": threads,
+                        "session_options": describe_session_options(options)}
         result["spd"]["encode_ms"] = median_ms(encode, repeat, CPU)
         for k, q in queries.items():
             q = q.cpu()
@@ -78,13 +80,32 @@ def onnx_section(spd_model, baseline, image: torch.Tensor, queries: dict[int, to
             result["baseline"].setdefault("total_ms_by_k", {})[str(k)] = statistics.median(b for _, b in runs)
             result["ratio_total"][str(k)] = statistics.median(t / b for t, b in runs)
         result["baseline"]["total_ms"] = statistics.median(result["baseline"]["total_ms_by_k"].values())
+        result["profile"] = _profile_spd(ort, Path(tmp), threads, image, features, queries)
     return result
+
+
+def _profile_spd(ort, folder: Path, threads: int, image: torch.Tensor, features, queries: dict) -> dict:
+    """ORT's profiler on the encoder and on the decoder at each K: node time and top op types."""
+    from spd.export.onnx_export import DECODER_FILE, ENCODER_FILE
+    from spd.export.runtime import session_options
+
+    table, keys, values = features
+    feeds = {"encoder": (ENCODER_FILE, {"image": image.cpu().numpy()})}
+    for k, q in queries.items():
+        feeds[f"decoder K={k}"] = (DECODER_FILE, {"table": table, "global_keys": keys, "global_values": values,
+                                                  "queries": q.cpu().numpy(), "mask": np.ones(q.shape[:2], dtype=bool)})
+    profile = {}
+    for name, (graph, feed) in feeds.items():
+        times = op_type_times(ort, folder / graph, session_options(ort, threads), feed)
+        profile[name] = {"node_ms": round(sum(times.values()), 2), "top": top_ops(times)}
+    return profile
 
 
 def format_onnx(section: dict, torch_result: dict) -> list[str]:
     spd, base = section["spd"], section["baseline"]
+    options = ", ".join(f"{k} {v}" for k, v in section.get("session_options", {}).items())
     lines = [f"ONNX Runtime (CPU, {section['threads'] or 'default'} threads, fp32): SPD encode {spd['encode_ms']:.1f} ms, "
-             f"DAv2-S total {base['total_ms']:.1f} ms"]
+             f"DAv2-S total {base['total_ms']:.1f} ms; session options: {options}"]
     for k in spd["decode_ms"]:
         torch_total = torch_result["spd"]["total_ms"].get(k)
         versus = ""
@@ -92,5 +113,5 @@ def format_onnx(section: dict, torch_result: dict) -> list[str]:
             versus = f", PyTorch eager total {torch_total:.1f} ms (ORT/PyTorch {spd['total_ms'][k] / torch_total:.2f})"
         lines.append(f"  K={k:>5}: decode {spd['decode_ms'][k]:.1f} ms, total {spd['total_ms'][k]:.1f} ms, "
                      f"SPD/base {section['ratio_total'][k]:.2f}{versus}")
-    return lines
+    return lines + format_profile(section.get("profile", {}))
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spd.models.onednn import Linear
-from spd.models.rows import QueryRows, add_rows, bag_sum
+from spd.models.rows import QueryRows, add_rows, bag_sum, exporting_ops
 from spd.models.splat import SplatPlan, sample_at
 
 
@@ -76,6 +76,16 @@ class CanvasSublayer(nn.Module):
         # In the canvas dtype (bf16 under autocast): a mixed-dtype product is several times slower on CPU.
         contributions = (written * plan.soft_beta).view(-1, d_model)  # (B*K*3*4, d)
         add_rows(canvas, plan.canvas_rows, contributions)
+        if exporting_ops():
+            self._cascade_and_smooth_whole(canvas, maps)
+        else:
+            self._cascade_and_smooth_in_place(maps)
+        gates = torch.sigmoid(self.read_gate(h)).view(batch, num_queries, 3, 1)
+        reads = bag_sum(canvas, plan.canvas_rows, (plan.beta * gates).view(-1), plan.starts4_canvas)  # (B*K*3, d)
+        return self.read(reads.view(batch, num_queries, 3 * d_model))
+
+    def _cascade_and_smooth_in_place(self, maps: list[torch.Tensor]) -> None:
+        """Joint-gate cascade and smoothing on the canvas maps (views of the buffer), in place."""
         l2, l3, l4 = maps
         l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)
         gate = self.gate_l4_to_l3_fine(l3).add_(self.gate_l4_to_l3_coarse(l4_up)).sigmoid_()
@@ -85,6 +95,14 @@ class CanvasSublayer(nn.Module):
         l2.addcmul_(gate, l3_up)
         for level, smooth in zip(maps, self.smooth):
             level.add_(smooth(level))  # the conv reads all of `level` before add_ writes it
-        gates = torch.sigmoid(self.read_gate(h)).view(batch, num_queries, 3, 1)
-        reads = bag_sum(canvas, plan.canvas_rows, (plan.beta * gates).view(-1), plan.starts4_canvas)  # (B*K*3, d)
-        return self.read(reads.view(batch, num_queries, 3 * d_model))
+
+    def _cascade_and_smooth_whole(self, canvas: torch.Tensor, maps: list[torch.Tensor]) -> None:
+        """The same maths for exported graphs: new maps, then one write of the whole buffer (its rows
+        are L2, L3, L4 in order, each (B, h, w, d) row-major, as `map_view` reads them)."""
+        l2, l3, l4 = maps
+        l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)
+        l3 = l3 + torch.sigmoid(self.gate_l4_to_l3_fine(l3) + self.gate_l4_to_l3_coarse(l4_up)) * l4_up
+        l3_up = F.interpolate(l3, size=l2.shape[-2:], mode="bilinear", align_corners=False)
+        l2 = l2 + torch.sigmoid(self.gate_l3_to_l2_fine(l2) + self.gate_l3_to_l2_coarse(l3_up)) * l3_up
+        smoothed = [level + smooth(level) for level, smooth in zip((l2, l3, l4), self.smooth)]
+        canvas.copy_(torch.cat([level.permute(0, 2, 3, 1).reshape(-1, canvas.shape[1]) for level in smoothed]))

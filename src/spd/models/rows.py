@@ -166,7 +166,10 @@ def export_ops() -> Iterator[None]:
     - `add_rows` is `scatter_add_` (ONNX ScatterElements, reduction add) instead of `index_add_`,
       which exports as ScatterND (reduction add): ONNX Runtime's CPU ScatterND adds duplicate indices
       from several threads without synchronisation and returns wrong, run-to-run different sums
-      (microsoft/onnxruntime#18048, #23396; the canvas write has duplicates whenever queries share a cell).
+      (microsoft/onnxruntime#18048, #23396; the canvas write has duplicates whenever queries share a cell);
+    - the canvas's gate and smoothing updates (`CanvasSublayer.forward_rows`) build the new maps and
+      write the whole canvas buffer once per layer, instead of five in-place updates of views, which
+      export as five ScatterND copies of the whole buffer.
     """
     global _export_ops
     previous, _export_ops = _export_ops, True
@@ -174,6 +177,11 @@ def export_ops() -> Iterator[None]:
         yield
     finally:
         _export_ops = previous
+
+
+def exporting_ops() -> bool:
+    """True inside `export_ops`: callers with an in-place form pick the one graph runtimes run well."""
+    return _export_ops
 
 
 def add_rows(target: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,19 @@
+import os
 import warnings
 
 import pytest
 import torch
 
 import spd
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers), each worker is one of several processes
+    sharing the cores: one torch thread each, and its subprocesses likewise, instead of every
+    process spinning as many OpenMP threads as there are cores (measured: several times slower)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)

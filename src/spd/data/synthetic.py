@@ -15,6 +15,7 @@ Layout (like BTS NYU):
 
 from __future__ import annotations
 
+import multiprocessing
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -232,8 +233,15 @@ def generate(
     jobs = []
     for split, count, sub in (("train", n_train, TRAIN_DIR), ("test", n_test, TEST_DIR)):
         jobs += [(out / sub, split, i, seed, height, width, holes, camera) for i in range(count)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        lines = list(tqdm(pool.map(_write_frame, jobs, chunksize=4), total=len(jobs), desc="spd synth", disable=not progress))
+    if workers == 1:
+        lines = [_write_frame(job) for job in tqdm(jobs, desc="spd synth", disable=not progress)]
+    else:
+        # forkserver: workers forked from a fresh single-threaded process, never from this one, whose
+        # threads (PyTorch's, ONNX Runtime's, a test runner's) may hold locks a forked child would wait on forever.
+        context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            lines = list(tqdm(pool.map(_write_frame, jobs, chunksize=4), total=len(jobs), desc="spd synth",
+                              disable=not progress))
     (out / "train_files.txt").write_text("".join(line + "\n" for line in lines[:n_train]))
     (out / "test_files.txt").write_text("".join(line + "\n" for line in lines[n_train:]))
     write_descriptions(out, lines[:n_train], lines[n_train:], camera, sparse, seed)

@@ -73,9 +73,12 @@ class CanvasSublayer(nn.Module):
         `embedding_bag`. -> read (B, K, d)."""
         batch, num_queries, d_model = h.shape
         written = self.write(h).view(batch, num_queries, 1, 1, d_model).to(canvas.dtype)
-        # In the canvas dtype (bf16 under autocast): a mixed-dtype product is several times slower on CPU.
-        contributions = (written * plan.soft_beta).view(-1, d_model)  # (B*K*3*4, d)
-        add_rows(canvas, plan.canvas_rows, contributions)
+        if plan.canvas_splat is not None:  # exported graphs (`dense_canvas_splat`): one MatMul, no scatter
+            canvas.add_(torch.matmul(plan.canvas_splat, written.view(num_queries, d_model)))
+        else:
+            # In the canvas dtype (bf16 under autocast): a mixed-dtype product is several times slower on CPU.
+            contributions = (written * plan.soft_beta).view(-1, d_model)  # (B*K*3*4, d)
+            add_rows(canvas, plan.canvas_rows, contributions)
         if exporting_ops():
             self._cascade_and_smooth_whole(canvas, maps)
         else:

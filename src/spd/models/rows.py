@@ -227,7 +227,9 @@ class QueryRows:
             buffer) and bilinear weights (0 for padded queries); the write and the read use both;
         soft_beta (B, K, 3, 4, 1): the canvas write's weights, beta / (cell's sum + 1), in the canvas dtype;
         starts4 (B*K*4,), starts4_canvas (B*K*3,), starts_msda (B*K*H,): `bag_sum` starts of bags
-            of 4 (one bilinear read) and of MSDA's per-head bags.
+            of 4 (one bilinear read) and of MSDA's per-head bags;
+        canvas_splat (R_canvas, K) or None: the canvas write as a matrix, in exported graphs only
+            (`dense_canvas_splat`).
     """
 
     cells: torch.Tensor
@@ -239,6 +241,7 @@ class QueryRows:
     starts4: torch.Tensor
     starts4_canvas: torch.Tensor
     starts_msda: torch.Tensor
+    canvas_splat: torch.Tensor | None = None
 
 
 def query_rows(grid: torch.Tensor, mask: torch.Tensor, seed: LevelIndex, extent: torch.Tensor,
@@ -261,3 +264,35 @@ def query_rows(grid: torch.Tensor, mask: torch.Tensor, seed: LevelIndex, extent:
     soft_beta = soft_beta.unsqueeze(-1).to(canvas_dtype)
     return QueryRows(cells, rows.view(-1), beta.view(-1), canvas_rows, beta_canvas, soft_beta, starts4,
                      starts4[: batch * num_queries * 3], bag_starts(batch * num_queries * heads, bag, grid.device))
+
+
+def dense_canvas_splat(cells: torch.Tensor, mask: torch.Tensor, sizes: tuple[tuple[int, int], ...],
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The canvas write of one image as a matrix, for exported graphs: S (R_canvas, K) with S[r, q] =
+    query q's bilinear weight at canvas row r divided by (that cell's sum of weights + 1), the soft
+    mean `QueryRows.soft_beta` holds per corner, so that one layer's write is canvas += S @ written.
+
+    ONNX Runtime runs the row form's `ScatterElements` (reduction add) at ~45 ns per element, half the
+    decoder at K = 4096; this is one MatMul per layer, and S is made once per decode call. A bilinear
+    weight is separable, (1 - |y - row|)(1 - |x - column|), so S is an outer product per level.
+
+    Shape:
+        cells (1, K, 1, 4, 1, 2): the queries' continuous cell (x, y) on L1..L4 (`QueryRows.cells`);
+        mask (1, K) bool; sizes: (h, w) of the three canvas levels (L2, L3, L4), in buffer order.
+    """
+    per_level = []
+    for level, (height, width) in enumerate(sizes, start=1):
+        across = _axis_weights(cells[0, :, 0, level, 0, 0], width)  # (w, K)
+        down = _axis_weights(cells[0, :, 0, level, 0, 1], height) * mask[0]  # (h, K); padded queries write nothing
+        per_level.append((down[:, None, :] * across[None, :, :]).reshape(height * width, -1))
+    weights = torch.cat(per_level)  # (R_canvas, K)
+    return (weights / (weights.sum(1, keepdim=True) + 1.0)).to(dtype)
+
+
+def _axis_weights(coord: torch.Tensor, length: int) -> torch.Tensor:
+    """(K,) continuous cell coordinates (centres at integers) -> (length, K) linear-interpolation weights
+    of the cells 0..length-1; corners outside the map match no cell (zeros, as `grid_sample`)."""
+    lower = torch.floor(coord)
+    frac = coord - lower
+    cell = torch.arange(length, dtype=coord.dtype, device=coord.device)[:, None]
+    return (cell == lower) * (1.0 - frac) + (cell == lower + 1.0) * frac

@@ -28,7 +28,8 @@ from spd.models.msda import MSDeformableAttention
 from spd.models.neck import CoarseProjection, L4SelfAttention, Neck
 from spd.models.optim_groups import encoder_decoder_param_groups
 from spd.models.paths import InferencePaths
-from spd.models.rows import RowLayout, build_row_table, level_index, map_view, query_rows
+from spd.models.rows import (RowLayout, build_row_table, dense_canvas_splat, exporting_ops, level_index, map_view,
+                             query_rows)
 from spd.models.seed import QuerySeed
 from spd.models.splat import make_splat_plan
 
@@ -271,6 +272,8 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         shifted = RowLayout(features.layout.sizes[1:4], tuple(o - start for o in features.layout.offsets[1:4]),
                             features.layout.batch)
         views = [map_view(canvas, shifted, i) for i in range(3)]
+        if exporting_ops() and grid.shape[0] == 1:  # exported graphs: the canvas write as one MatMul per layer
+            plan.canvas_splat = dense_canvas_splat(plan.cells, mask, shifted.sizes, canvas.dtype)
         memories = [*((features.table, index) for index in features.msda_index), *features.global_kv]
         for layer, memory in zip([*self.msda_layers, *self.global_layers], memories, strict=True):
             h = layer.forward_rows(h, plan, canvas, views, mask, memory)

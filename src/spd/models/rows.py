@@ -167,6 +167,8 @@ def export_ops() -> Iterator[None]:
       which exports as ScatterND (reduction add): ONNX Runtime's CPU ScatterND adds duplicate indices
       from several threads without synchronisation and returns wrong, run-to-run different sums
       (microsoft/onnxruntime#18048, #23396; the canvas write has duplicates whenever queries share a cell);
+    - for one image (what `spd export` traces) the canvas write is no scatter at all but one MatMul
+      per layer (`dense_canvas_splat`), faster on ONNX Runtime than its ScatterElements at large K;
     - the canvas's gate and smoothing updates (`CanvasSublayer.forward_rows`) build the new maps and
       write the whole canvas buffer once per layer, instead of five in-place updates of views, which
       export as five ScatterND copies of the whole buffer.
@@ -272,8 +274,9 @@ def dense_canvas_splat(cells: torch.Tensor, mask: torch.Tensor, sizes: tuple[tup
     query q's bilinear weight at canvas row r divided by (that cell's sum of weights + 1), the soft
     mean `QueryRows.soft_beta` holds per corner, so that one layer's write is canvas += S @ written.
 
-    ONNX Runtime runs the row form's `ScatterElements` (reduction add) at ~45 ns per element, half the
-    decoder at K = 4096; this is one MatMul per layer, and S is made once per decode call. A bilinear
+    ONNX Runtime runs the row form's `ScatterElements` (reduction add) at ~10 ns per element, half the
+    decoder at K = 4096; this is one MatMul per layer (more arithmetic, most weights zero: it wins at
+    large K and ties at K = 256, measured), and S is made once per decode call. A bilinear
     weight is separable, (1 - |y - row|)(1 - |x - column|), so S is an outer product per level.
 
     Shape:

@@ -1,0 +1,192 @@
+"""Issue 27's int8 experiment: ONNX Runtime static quantisation of an exported SPD encoder.
+
+The encoder of an `spd export` folder is quantised with ONNX Runtime's `quantize_static` (QDQ format,
+per-channel int8 weights, uint8 activations, MinMax calibration on the caller's images); the decoder
+stays fp32. Measured, against the fp32 folder, in one process:
+- speed: encode + decode(K) of one image at the exported size, the two folders timed in rounds;
+- depth change: |int8 - fp32| / fp32 at K grid points of each `--images` image;
+- accuracy: abs_rel and δ1 of both at K fixed-seed labelled points of each test image of an
+  NYU-layout dataset (`--test-data`: its test_files.txt), when given.
+
+`spd export` offers int8 only if it pays: total(256) >= 1.3x faster with abs_rel within 2 % relative
+of fp32 (the deployment page records the measured result).
+
+    python -m spd.experiments.int8 --export EXPORT_DIR --calibration IMAGE_DIR [--images IMG ...]
+        [--test-data ROOT] --out OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def calibration_reader(predictor, images: list[Path]):
+    """An ONNX Runtime CalibrationDataReader feeding each image as the encoder reads it."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._feeds = iter(images)
+
+        def get_next(self):
+            path = next(self._feeds, None)
+            return None if path is None else {"image": encoder_input(predictor, path)}
+
+    return Reader()
+
+
+def encoder_input(predictor, image) -> np.ndarray:
+    """(1, 3, h, w) float32: the image resized to the export and normalised, as `OnnxPredictor` feeds it."""
+    import torch
+
+    from spd.data.transforms import normalize_image
+
+    seen = predictor.prepare(str(image)).seen
+    return normalize_image(torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1))[None].numpy()
+
+
+def quantize_export(export: Path, out: Path, calibration: list[Path]) -> Path:
+    """A copy of `export` in `out` whose encoder.onnx is int8 (QDQ), its manifest's checksum updated."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    from spd.export.onnx_export import ENCODER_FILE, MANIFEST_FILE
+    from spd.export.runtime import OnnxPredictor
+    from spd.models.folder import file_sha256
+
+    shutil.copytree(export, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(export / ENCODER_FILE), str(prepared))
+        quantize_static(str(prepared), str(out / ENCODER_FILE), calibration_reader(OnnxPredictor(export), calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["encoder"]["sha256"] = file_sha256(out / ENCODER_FILE)
+    manifest["encoder_quantization"] = "int8 QDQ, per-channel weights, uint8 activations (spd.experiments.int8)"
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def total_ms(predictors: dict, k: int, rounds: int, seed: int = 0) -> dict[str, float]:
+    """Median encode + decode(K) ms of each predictor on one random image, timed in rounds."""
+    import time
+
+    import torch
+
+    first = next(iter(predictors.values()))
+    height, width = first.export_size
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 3, height, width, generator=generator)
+    queries = torch.rand(1, k, 2, generator=generator) * torch.tensor([width - 1.0, height - 1.0])
+    mask = torch.ones(1, k, dtype=torch.bool)
+    times: dict[str, list[float]] = {name: [] for name in predictors}
+    for round_index in range(rounds + 1):
+        for name, predictor in predictors.items():
+            start = time.perf_counter()
+            predictor._run_decoder(predictor._encode_tensor(image), queries, mask)
+            if round_index:  # the first round warms up
+                times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def depth_change(fp32, int8, images: list[Path], k: int) -> dict[str, float]:
+    """Mean and max |int8 - fp32| / fp32 at a grid of about K points of each image."""
+    from spd.data.io import read_rgb
+    from spd.predictor import grid_points
+
+    changes = []
+    for path in images:
+        rgb = read_rgb(path)
+        points = grid_points(k, *rgb.shape[:2])
+        reference = fp32.predict(rgb, points)
+        changes.append(np.abs(int8.predict(rgb, points) - reference) / reference)
+    values = np.concatenate(changes)
+    return {"mean": float(values.mean()), "max": float(values.max()), "images": len(images)}
+
+
+def test_split_accuracy(predictors: dict, root: Path, k: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """abs_rel and δ1 of each predictor at K fixed-seed labelled points of every test image of an
+    NYU-layout dataset (test_files.txt, paths under official_splits/test; depth 0 = no label)."""
+    from spd.data.io import read_depth_png, read_rgb
+
+    rng = np.random.default_rng(seed)
+    errors: dict[str, list[np.ndarray]] = {name: [] for name in predictors}
+    test_dir = root / "official_splits" / "test"
+    for line in (root / "test_files.txt").read_text().split("\n"):
+        if not line.strip():
+            continue
+        rgb_name, depth_name = line.split()[:2]
+        rgb, depth = read_rgb(test_dir / rgb_name), read_depth_png(test_dir / depth_name)
+        rows, cols = np.nonzero(depth > 0)
+        pick = rng.choice(len(rows), size=min(k, len(rows)), replace=False)
+        truth = depth[rows[pick], cols[pick]]
+        points = np.stack([cols[pick], rows[pick]], 1).astype(np.float64)  # pixel centres (u, v)
+        for name, predictor in predictors.items():
+            errors[name].append(np.stack([predictor.predict(rgb, points), truth]))
+    result = {}
+    for name, pairs in errors.items():
+        predicted, truth = np.concatenate(pairs, axis=1)
+        ratio = np.maximum(predicted / truth, truth / predicted)
+        result[name] = {"abs_rel": float(np.mean(np.abs(predicted - truth) / truth)), "delta1": float(np.mean(ratio < 1.25))}
+    return result
+
+
+def run(args: argparse.Namespace) -> dict:
+    from spd.bench.machine import cpu_facts
+    from spd.export.runtime import OnnxPredictor
+
+    export, out = Path(args.export), Path(args.out)
+    calibration = sorted(p for p in Path(args.calibration).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    calibration = calibration[: args.calibration_images]
+    if not calibration:
+        raise SystemExit(f"spd: error: {args.calibration}: no .jpg / .png images to calibrate on")
+    out.mkdir(parents=True, exist_ok=True)
+    int8_dir = out / "int8_export"
+    if int8_dir.exists():
+        shutil.rmtree(int8_dir)
+    quantize_export(export, int8_dir, calibration)
+    predictors = {"fp32": OnnxPredictor(export, threads=args.threads), "int8": OnnxPredictor(int8_dir, threads=args.threads)}
+    result: dict = {"command": " ".join(["python -m spd.experiments.int8", *sys.argv[1:]]), "cpu": cpu_facts(),
+                    "threads": args.threads, "calibration_images": len(calibration),
+                    "export_size": list(predictors["fp32"].export_size), "k": args.k}
+    result["total_ms"] = total_ms(predictors, args.k, args.rounds)
+    result["speedup"] = result["total_ms"]["fp32"] / result["total_ms"]["int8"]
+    if args.images:
+        result["depth_change"] = depth_change(predictors["fp32"], predictors["int8"], [Path(p) for p in args.images], args.k)
+    if args.test_data:
+        accuracy = test_split_accuracy(predictors, Path(args.test_data), args.k)
+        result["test_split"] = accuracy
+        result["abs_rel_change"] = accuracy["int8"]["abs_rel"] / accuracy["fp32"]["abs_rel"] - 1.0
+    result["pays"] = result["speedup"] >= 1.3 and abs(result.get("abs_rel_change", 0.0)) <= 0.02
+    (out / "int8.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spd.experiments.int8", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", required=True, help="an `spd export` folder (fp32)")
+    parser.add_argument("--calibration", required=True, help="a folder of images (searched recursively) to calibrate on")
+    parser.add_argument("--calibration-images", type=int, default=32, help="at most this many (default 32)")
+    parser.add_argument("--images", nargs="*", default=[], help="images to measure the depth change on")
+    parser.add_argument("--test-data", default=None, help="an NYU-layout dataset: abs_rel of both on its test split")
+    parser.add_argument("--k", type=int, default=256, help="points per image, and the K of total(K) (default 256)")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds (default 9)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    parser.add_argument("--out", required=True, help="output folder: int8_export/ and int8.json")
+    result = run(parser.parse_args(argv))
+    print(json.dumps({key: result[key] for key in result if key not in ("cpu", "command")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

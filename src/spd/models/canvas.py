@@ -50,18 +50,22 @@ class CanvasSublayer(nn.Module):
         updated = []
         for level, plan in zip(canvas, plans):
             updated.append(level + plan.splat(written) / (plan.weight_sum + 1.0))
-        l2, l3, l4 = updated
-        # 2. Joint-gate cascade, coarse to fine (the plan's §6.4 code).
-        l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)
-        l3 = l3 + torch.sigmoid(self.gate_l4_to_l3_fine(l3) + self.gate_l4_to_l3_coarse(l4_up)) * l4_up
-        l3_up = F.interpolate(l3, size=l2.shape[-2:], mode="bilinear", align_corners=False)
-        l2 = l2 + torch.sigmoid(self.gate_l3_to_l2_fine(l2) + self.gate_l3_to_l2_coarse(l3_up)) * l3_up
-        # 3. Smooth: one depthwise step lets neighbouring cells (and so nearby queries) mix.
-        canvas = [level + smooth(level) for level, smooth in zip((l2, l3, l4), self.smooth)]
+        canvas = self.cascade_and_smooth(updated)  # 2 and 3
         # 4. Read: each level scaled by its own query-dependent gate.
         gates = torch.sigmoid(self.read_gate(h))  # (B, K, 3)
         reads = [sample_at(level, grid) * gates[..., i : i + 1] for i, level in enumerate(canvas)]
         return self.read(torch.cat(reads, dim=-1)), canvas
+
+    def cascade_and_smooth(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """New maps: the joint-gate cascade, coarse to fine (the plan's §6.4 code), then one depthwise
+        smoothing step per level, which lets neighbouring cells (and so nearby queries) mix.
+        [L2, L3, L4] (B, d, h, w) -> the same shapes."""
+        l2, l3, l4 = maps
+        l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)
+        l3 = l3 + torch.sigmoid(self.gate_l4_to_l3_fine(l3) + self.gate_l4_to_l3_coarse(l4_up)) * l4_up
+        l3_up = F.interpolate(l3, size=l2.shape[-2:], mode="bilinear", align_corners=False)
+        l2 = l2 + torch.sigmoid(self.gate_l3_to_l2_fine(l2) + self.gate_l3_to_l2_coarse(l3_up)) * l3_up
+        return [level + smooth(level) for level, smooth in zip((l2, l3, l4), self.smooth)]
 
     def forward_rows(
         self, h: torch.Tensor, plan: QueryRows, canvas: torch.Tensor, maps: list[torch.Tensor]
@@ -102,10 +106,5 @@ class CanvasSublayer(nn.Module):
     def _cascade_and_smooth_whole(self, canvas: torch.Tensor, maps: list[torch.Tensor]) -> None:
         """The same maths for exported graphs: new maps, then one write of the whole buffer (its rows
         are L2, L3, L4 in order, each (B, h, w, d) row-major, as `map_view` reads them)."""
-        l2, l3, l4 = maps
-        l4_up = F.interpolate(l4, size=l3.shape[-2:], mode="bilinear", align_corners=False)
-        l3 = l3 + torch.sigmoid(self.gate_l4_to_l3_fine(l3) + self.gate_l4_to_l3_coarse(l4_up)) * l4_up
-        l3_up = F.interpolate(l3, size=l2.shape[-2:], mode="bilinear", align_corners=False)
-        l2 = l2 + torch.sigmoid(self.gate_l3_to_l2_fine(l2) + self.gate_l3_to_l2_coarse(l3_up)) * l3_up
-        smoothed = [level + smooth(level) for level, smooth in zip((l2, l3, l4), self.smooth)]
+        smoothed = self.cascade_and_smooth(maps)
         canvas.copy_(torch.cat([level.permute(0, 2, 3, 1).reshape(-1, canvas.shape[1]) for level in smoothed]))

@@ -15,7 +15,6 @@ runner treat it as any other model.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,8 +26,8 @@ from spd.geometry.coords import pad_image
 from spd.models.baseline import DenseDepth, sample_dense_map
 from spd.models.encoder import Encoder
 from spd.models.folder import (
-    MODEL_FILE, CheckpointError, check_state_matches, read_config_dict, read_weights, resolve_model_folder,
-    verify_weights_checksum, write_model_folder,
+    CheckpointError, build_with_weights, read_config_dict, resolve_model_folder, verify_weights_checksum,
+    write_model_folder,
 )
 from spd.models.heads import exp_fp32
 from spd.models.neck import Neck
@@ -180,10 +179,4 @@ def load_dense_control(path: str | Path, device: str | torch.device = "cpu") -> 
         config = ModelConfig.from_dict({**fields, "encoder_weights": None})
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{folder}: not a dense-control config ({err})") from err
-    state = read_weights(folder / MODEL_FILE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random-encoder warning: the weights come next
-        model = DenseControl(config, warn_random_encoder=False)
-    check_state_matches(state, model.state_dict(), folder / MODEL_FILE)
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    return build_with_weights(lambda: DenseControl(config, warn_random_encoder=False), folder, device)

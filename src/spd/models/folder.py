@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,19 @@ def verify_weights_checksum(folder: Path, config: dict[str, Any]) -> str:
             f"{expected[:12]}..., found {actual[:12]}...)"
         )
     return actual
+
+
+def build_with_weights(build: Callable[[], torch.nn.Module], folder: Path, device: str | torch.device = "cpu"):
+    """`build()` (a randomly initialised model; its random-encoder warning silenced: the weights come
+    next) with the folder's weights loaded strictly, on `device`, in eval mode: the last step of
+    every model-folder loader."""
+    state = read_weights(folder / MODEL_FILE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build()
+    check_state_matches(state, model.state_dict(), folder / MODEL_FILE)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
 
 
 def check_state_matches(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path) -> None:

@@ -18,8 +18,8 @@ from spd.models.decoder import DecoderLayer
 from spd.models.encoder import Encoder
 from spd.models.features import EncodedFeatures
 from spd.models.folder import (
-    CONFIG_FILE, MODEL_FILE, WEIGHTS_SHA256, CheckpointError, check_state_matches, read_config_dict, read_weights,
-    resolve_model_folder, verify_weights_checksum, write_model_folder,
+    CONFIG_FILE, WEIGHTS_SHA256, CheckpointError, build_with_weights, read_config_dict, resolve_model_folder,
+    verify_weights_checksum, write_model_folder,
 )
 from spd.models.global_attn import GlobalCrossAttention, GlobalKeyValues
 from spd.models.heads import CanvasHead, DepthHead, PatchDenseHead
@@ -359,10 +359,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> SPD:
     folder = resolve_model_folder(path)
     config = read_model_config(folder)
     verify_weights_checksum(folder, read_config_dict(folder))
-    state = read_weights(folder / MODEL_FILE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the random-encoder warning: the weights come next
-        model = SPD(config, warn_random_encoder=False)
-    check_state_matches(state, model.state_dict(), folder / MODEL_FILE)
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    return build_with_weights(lambda: SPD(config, warn_random_encoder=False), folder, device)

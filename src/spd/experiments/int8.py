@@ -145,7 +145,21 @@ def run(args: argparse.Namespace) -> dict:
     from spd.bench.machine import cpu_facts
     from spd.export.runtime import OnnxPredictor
 
+    from spd.errors import SPDError
+    from spd.export.runtime import read_manifest
+
     export, out = Path(args.export), Path(args.out)
+    try:
+        read_manifest(export)  # a missing or broken export folder, named in one line
+    except SPDError as err:
+        raise SystemExit(f"spd: error: --export {err}") from None
+    if not Path(args.calibration).is_dir():
+        raise SystemExit(f"spd: error: --calibration {args.calibration}: not a folder")
+    for image in args.images:
+        if not Path(image).is_file():
+            raise SystemExit(f"spd: error: --images {image}: not found")
+    if args.test_data and not (Path(args.test_data) / "test_files.txt").is_file():
+        raise SystemExit(f"spd: error: --test-data {args.test_data}: no test_files.txt (an NYU-layout dataset, as `spd synth` writes)")
     calibration = sorted(p for p in Path(args.calibration).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     calibration = calibration[: args.calibration_images]
     if not calibration:

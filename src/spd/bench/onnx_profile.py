@@ -16,7 +16,8 @@ from pathlib import Path
 
 def op_type_times(ort, graph: Path, options, feeds: dict, runs: int = 5) -> dict[str, float]:
     """{op type: ms per run}, largest first, for `graph` run `runs` times on `feeds` after one warm-up
-    run, with `options` (profiling is switched on for a copy of them, in a temporary folder)."""
+    run, with `options` (profiling is switched on in them for this session, its file in a temporary
+    folder, and off again afterwards)."""
     with tempfile.TemporaryDirectory() as tmp:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")

@@ -121,7 +121,12 @@ def check_points(points, height: int, width: int) -> torch.Tensor:
         raise UserInputError(f"points must have shape (K, 2) as (u, v) pixels; got shape {array.shape}")
     queries = torch.from_numpy(array)
     validate_queries(queries[None], (height, width), noun="point")  # float64: the check sees the user's values
-    return queries.float()
+    return torch.from_numpy(array.astype(np.float32))  # in numpy: no tensor cast op (`spd.bench.casts`)
+
+
+def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """tensor on `device`, with no op at all when it is there already (a no-op `.to` still dispatches)."""
+    return tensor if tensor.device == device else tensor.to(device)
 
 
 def backproject(points: np.ndarray, depth: np.ndarray, intrinsics: Sequence[float]) -> np.ndarray:
@@ -229,7 +234,7 @@ class Predictor:
     def _encode_tensor(self, tensor: torch.Tensor):
         """(1, 3, h, w) normalised -> the model's features."""
         with self._autocast():
-            return self.model.encode(tensor.to(self.device))
+            return self.model.encode(on_device(tensor, self.device))
 
     @torch.inference_mode()
     def decode(self, features: ImageFeatures, points, intrinsics: Sequence[float] | None = None) -> np.ndarray:
@@ -238,11 +243,11 @@ class Predictor:
         queries = check_points(points, features.height, features.width)  # validated once, in the user's pixels
         if intrinsics is not None:
             intrinsics = checked_intrinsics(intrinsics, "intrinsics")
-        queries = to_model_pixels(queries, features.scale).to(self.device)
+        queries = on_device(to_model_pixels(queries, features.scale), self.device)
         with self._autocast():
             depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed,
                                      buckets=self.buckets, decode=self._decode)
-        depth = depth.float().cpu().numpy()
+        depth = on_device(depth if depth.dtype == torch.float32 else depth.float(), torch.device("cpu")).numpy()
         seen_focal = intrinsics[0] * features.scale[0] if intrinsics is not None else None  # fx on the model's image
         return prediction_to_metric(depth, seen_focal, self.canonical_focal).astype(np.float32)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spd.models.onednn import Linear
-from spd.models.rows import QueryRows, add_rows, bag_sum, exporting_ops
+from spd.models.rows import QueryRows, add_rows, as_dtype, bag_sum, exporting_ops, product_in
 from spd.models.splat import SplatPlan, sample_at
 
 
@@ -76,7 +76,7 @@ class CanvasSublayer(nn.Module):
         residuals update the maps in place, and the gated read of all three levels is one
         `embedding_bag`. -> read (B, K, d)."""
         batch, num_queries, d_model = h.shape
-        written = self.write(h).view(batch, num_queries, 1, 1, d_model).to(canvas.dtype)
+        written = as_dtype(self.write(h).view(batch, num_queries, 1, 1, d_model), canvas.dtype)
         if plan.canvas_splat is not None:  # exported graphs (`dense_canvas_splat`): one MatMul, no scatter
             canvas.add_(torch.matmul(plan.canvas_splat, written.view(num_queries, d_model)))
         else:
@@ -88,7 +88,7 @@ class CanvasSublayer(nn.Module):
         else:
             self._cascade_and_smooth_in_place(maps)
         gates = torch.sigmoid(self.read_gate(h)).view(batch, num_queries, 3, 1)
-        reads = bag_sum(canvas, plan.canvas_rows, (plan.beta * gates).view(-1), plan.starts4_canvas)  # (B*K*3, d)
+        reads = bag_sum(canvas, plan.canvas_rows, product_in(canvas.dtype, plan.beta, gates).view(-1), plan.starts4_canvas)
         return self.read(reads.view(batch, num_queries, 3 * d_model))
 
     def _cascade_and_smooth_in_place(self, maps: list[torch.Tensor]) -> None:

@@ -14,8 +14,9 @@ from timm.models.convnext import ConvNeXtBlock, ConvNeXtStage
 from torch import nn
 
 from spd.models.encoder_weights import EncoderWeightsError, load_encoder_weights
-from spd.models.onednn import linear, takes_onednn
-from spd.models.precision import keep_fp32
+from spd.models.onednn import compute_dtype, linear, takes_onednn
+from spd.models.precision import keep_fp32, low_precision_weight
+from spd.models.rows import product_in
 
 
 def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,8 @@ def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tens
     elementwise passes over the (B, H, W, 4C) activation, the largest tensor of the network (where
     the activation is the smaller one, at fewer positions than channels, it is scaled instead). The
     spatial L2 norm is a sum of squares (several times faster on CPU than `linalg.vector_norm` over
-    two non-innermost dims). Both linears go through `spd.models.onednn.linear` (oneDNN on CPU, with
+    two non-innermost dims). Under bf16 autocast no activation or weight is cast on its own: values
+    are written in the matmul's dtype by the op that makes them (`out=`). Both linears go through `spd.models.onednn.linear` (oneDNN on CPU, with
     fc1's GELU fused: twice MKL's fp32 speed on the AMD CPU measured). Same result up to float
     rounding (tests: <= 1e-5 relative).
 
@@ -50,8 +52,15 @@ def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tens
         x = _fc2_with_grn_folded(x, scale, fc2_weight, mlp)
     else:
         # Fewer positions than output channels (the last stage at NYU sizes): a pass over the
-        # activation is cheaper than one over the weight. GRN as one op, then fc2.
-        x = linear(torch.addcmul(mlp.grn.bias, x, scale[:, None, None, :]), fc2_weight, mlp.fc2.bias)
+        # activation is cheaper than one over the weight. GRN as one op, written straight in the
+        # matmul's dtype (no separate cast), then fc2 with its weight in that dtype.
+        dtype = compute_dtype(x)
+        grn_scale = scale[:, None, None, :]
+        if torch.promote_types(x.dtype, grn_scale.dtype) == dtype:
+            grn = torch.addcmul(mlp.grn.bias, x, grn_scale)
+        else:
+            grn = torch.addcmul(mlp.grn.bias, x, grn_scale, out=x.new_empty(x.shape, dtype=dtype))
+        x = linear(grn, low_precision_weight(mlp.fc2, dtype).flatten(1), mlp.fc2.bias, fp32_bias=True)
     x = x.permute(0, 3, 1, 2)
     if block.gamma is not None:
         x = x.mul(block.gamma.reshape(1, -1, 1, 1))
@@ -74,7 +83,8 @@ def _spatial_sum_of_squares(x: torch.Tensor, rows_per_slice: int = 4096) -> torc
     In slices of at most 4096 positions: squaring the whole activation at once would allocate a
     second tensor of the network's largest size in every block, which the allocator takes fresh
     from the OS and faults in page by page (measured on the 2-core CPU: encoder fp32 -12 %,
-    bf16 -5 % with slices). Each slice's sum is rounded to x's dtype once, then added in fp32.
+    bf16 -5 % with slices). Each slice's sum is rounded to x's dtype once, then added into an fp32
+    total (`add_` converts as it adds: no cast op; `sum(dtype=float32)` measured 1.45x slower on bf16 slices).
     Other devices keep freed memory in PyTorch's caching allocator: one pass there, fewer launches."""
     if torch.compiler.is_exporting():
         # Exported graphs: one MatMul with a row of ones (ONNX Runtime runs it ~4x faster than the
@@ -83,11 +93,10 @@ def _spatial_sum_of_squares(x: torch.Tensor, rows_per_slice: int = 4096) -> torc
         ones = torch.ones(rows.shape[0], 1, rows.shape[1], dtype=rows.dtype, device=rows.device)
         return torch.matmul(ones, rows * rows)[:, 0].float()
     if x.device.type != "cpu":
-        return (x * x).sum((1, 2)).float()
-    total = None
+        return (x * x).sum((1, 2), dtype=torch.float32)
+    total = x.new_zeros((x.shape[0], x.shape[-1]), dtype=torch.float32)
     for part in x.flatten(1, 2).split(rows_per_slice, dim=1):
-        partial = part.square().sum(1).float()
-        total = partial if total is None else total.add_(partial)
+        total.add_(part.square().sum(1))
     return total
 
 
@@ -97,14 +106,16 @@ def _fc2_with_grn_folded(
     """fc2(x * scale + grn.bias) as x @ (W * scale)^T + (W @ grn.bias + b), one scaled copy of W per
     image. x (B, H, W, 4C), scale (B, 4C), fc2_weight W (C, 4C) -> (B, H, W, C)."""
     batch, height, width, hidden = x.shape
-    weight = fc2_weight * scale[:, None, :]  # (B, C, 4C)
-    # W @ grn.bias (+ b) with `mv`, which autocast leaves in fp32: `@` would cast W to bf16 first.
-    grn_bias = mlp.grn.bias.to(fc2_weight.dtype)
+    # W * scale in fp32, rounded once into the matmul's dtype by the multiply itself (B, C, 4C).
+    weight = product_in(compute_dtype(x), fc2_weight, scale[:, None, :])
+    # W @ grn.bias (+ b) with `mv`, which autocast leaves in fp32: `@` would cast W to bf16 first. The
+    # bias stays fp32: oneDNN adds it to its fp32 accumulator (F.linear under autocast casts it).
+    grn_bias = mlp.grn.bias if mlp.grn.bias.dtype == fc2_weight.dtype else mlp.grn.bias.to(fc2_weight.dtype)
     bias = torch.mv(fc2_weight, grn_bias) if mlp.fc2.bias is None else torch.addmv(mlp.fc2.bias, fc2_weight, grn_bias)
     if batch == 1:
-        return linear(x, weight[0], bias)
+        return linear(x, weight[0], bias, fp32_bias=True)
     if takes_onednn(x):  # oneDNN's linear has one weight: one call per image
-        return torch.stack([linear(image, image_weight, bias) for image, image_weight in zip(x, weight)])
+        return torch.stack([linear(image, image_weight, bias, fp32_bias=True) for image, image_weight in zip(x, weight)])
     out = torch.baddbmm(bias, x.reshape(batch, height * width, hidden), weight.transpose(1, 2))
     return out.view(batch, height, width, -1)
 
@@ -166,7 +177,8 @@ class Encoder(nn.Module):
         stages = [m for _, m in self.backbone.items() if isinstance(m, ConvNeXtStage)]
         self.foldable = bool(stages) and all(_supports_folding(b) for s in stages for b in s.blocks)
         if self.foldable:  # the fold scales fc2's weight in fp32 per image: a bf16 copy would round it twice
-            keep_fp32(*(b.mlp.fc2 for s in stages for b in s.blocks))
+            # (where the fold is not taken, fc2 runs from a low-precision copy of its weight: `low_copy`)
+            keep_fp32(*(b.mlp.fc2 for s in stages for b in s.blocks), low_copy=True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Training memory: timm's per-block checkpointing in every ConvNeXt stage (each block's

@@ -11,10 +11,17 @@ from torch import nn
 from spd.models.onednn import Linear
 
 
-def exp_fp32(log_depth: torch.Tensor) -> torch.Tensor:
-    """exp of a log-depth in fp32, whatever autocast made of it: bf16 keeps 8 bits of mantissa, so
-    exp in bf16 would round every depth by up to ~0.4-0.8 %. Returns float32 metres."""
-    return torch.exp(log_depth.float())
+def exp_fp32(log_depth: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(log_depth * scale) in fp32, whatever autocast made of log_depth: bf16 keeps 8 bits of
+    mantissa, so exp in bf16 would round every depth by up to ~0.4-0.8 %. Returns float32 metres.
+
+    scale: a 0-dim factor. The product is computed as `log_depth * scale` would be (in log_depth's
+    dtype) and, at inference, written to fp32 by the multiply itself rather than by a cast after it."""
+    if scale is not None and (log_depth.dtype == torch.float32 or torch.is_grad_enabled()):  # `out=`: no gradient
+        log_depth, scale = log_depth * scale, None
+    if scale is None:
+        return torch.exp(log_depth if log_depth.dtype == torch.float32 else log_depth.float())
+    return torch.exp(torch.mul(log_depth, scale, out=log_depth.new_empty(log_depth.shape, dtype=torch.float32)))
 
 
 class DepthHead(nn.Module):
@@ -34,7 +41,7 @@ class DepthHead(nn.Module):
         nn.init.constant_(self.mlp[-1].bias, math.log(init_depth))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return exp_fp32(self.mlp(features).squeeze(-1) * self.log_scale.exp())
+        return exp_fp32(self.mlp(features).squeeze(-1), self.log_scale.exp())
 
 
 class CanvasHead(nn.Module):

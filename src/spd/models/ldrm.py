@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from spd.config.model import check_ldrm_patch
 from spd.geometry.windows import gather_windows
 from spd.models.onednn import linear
+from spd.models.precision import low_precision_buffers
 from spd.models.rows import LevelIndex
 
 L1_STRIDE = 4
@@ -48,7 +49,10 @@ class LocalRefinement(nn.Module):
         self.register_buffer("windows_28", _windows_28(), persistent=False)
         steps = torch.arange(5.0)
         self.register_buffer("window_cells", torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1), persistent=False)
-        self.register_buffer("axis_code", torch.tensor([1, 2]), persistent=False)
+        self.register_buffer("axis_code", torch.tensor([1.0, 2.0]), persistent=False)
+        # The two upsampling matrices meet the row table's values in matmuls: a bf16 predictor stores
+        # them in bf16 once (exact: every entry is a multiple of 1/16).
+        low_precision_buffers(self, "windows_14", "windows_28")
         self.patch = patch
         self.checkpointing = False  # training: recompute full_patch in backward instead of keeping its activations
         self.conv_mid = nn.Conv2d(in_dim, mid_dim, kernel_size=3, padding=1)
@@ -82,18 +86,21 @@ class LocalRefinement(nn.Module):
         """`rows` = (row table, L1's LevelIndex in it) selects the receptive-field fast path
         (inference; not with `return_patch`, which needs the whole feat_28)."""
         batch, num_queries, _ = queries.shape
+        if not return_patch and rows is not None:
+            # The same origin in float (small integers, exact): the fast path converts to indices once.
+            origin = torch.floor(queries / L1_STRIDE) - self.patch // 2
+            offset_px = queries - origin * L1_STRIDE  # (B, K, 2), in [4c, 4c+4)
+            return self._fast_local_feat(*rows, origin, offset_px).view(batch, num_queries, -1), None
         origin = self.patch_origin(queries)
         offset_px = queries - (origin * L1_STRIDE).to(queries.dtype)  # (B, K, 2), in [4c, 4c+4)
-        if return_patch or rows is None:
-            patches = self.gather_patch_cells(l1, origin, self.patch)
-            if self.checkpointing and torch.is_grad_enabled():  # exact: the same ops again in backward
-                feat = checkpoint(self.full_patch, patches, use_reentrant=False)
-            else:
-                feat = self.full_patch(patches)  # (B*K, D, 4P, 4P)
-            local = self._sample(feat, offset_px)
-            feat_patch = feat.view(batch, num_queries, *feat.shape[1:]) if return_patch else None
-            return local.view(batch, num_queries, -1), feat_patch
-        return self._fast_local_feat(*rows, origin, offset_px).view(batch, num_queries, -1), None
+        patches = self.gather_patch_cells(l1, origin, self.patch)
+        if self.checkpointing and torch.is_grad_enabled():  # exact: the same ops again in backward
+            feat = checkpoint(self.full_patch, patches, use_reentrant=False)
+        else:
+            feat = self.full_patch(patches)  # (B*K, D, 4P, 4P)
+        local = self._sample(feat, offset_px)
+        feat_patch = feat.view(batch, num_queries, *feat.shape[1:]) if return_patch else None
+        return local.view(batch, num_queries, -1), feat_patch
 
     def _fast_local_feat(
         self, table: torch.Tensor, l1_index: LevelIndex, origin: torch.Tensor, offset_px: torch.Tensor
@@ -108,7 +115,7 @@ class LocalRefinement(nn.Module):
 
         L1 is read from the row table (`l1_index`: its `LevelIndex`, one level); the second x2
         upsampling is one batched matmul with the constant matrices `windows_28` picked by the
-        window's start. Shape: (B, K, ...) -> (B*K, D).
+        window's start. origin: (B, K, 2) float cells (whole numbers). Shape: (B, K, ...) -> (B*K, D).
         """
         n = origin.shape[0] * origin.shape[1]
         position = offset_px - 4 * (self.patch // 2)  # (B, K, 2) in [0, 4): position inside the central cell
@@ -120,10 +127,16 @@ class LocalRefinement(nn.Module):
         # rows of the row table (off-map cells zeroed) and one matmul with the matrix for s.
         cells = (origin + (self.patch // 2 - 2)).view(*origin.shape[:2], 1, 1, 2) + self.window_cells  # (B, K, 5, 5, 2)
         on_map = cells.clamp(min=0).minimum(l1_index.max_xy.view(1, 1, 1, 1, 2))
-        rows = l1_index.base.view(-1, 1, 1, 1) + (on_map * l1_index.stride.view(1, 1, 1, 1, 2)).sum(-1).long()
         inside = (on_map == cells).all(-1).view(n, 1, 25)  # off-map cells get weight 0 (zeros outside)
-        choice = (s.long() * self.axis_code).sum(-1).view(-1)  # 2 s_y + s_x
-        matrix = self.windows_14.index_select(0, choice).to(table.dtype) * inside.to(table.dtype)  # (N, 36, 25)
+        # Three index sets, computed in float (small integers, exact) and made indices by one conversion
+        # (each conversion is a kernel launch on a GPU): the 25 cells' rows within L1, the first
+        # upsampling's matrix 2 s_y + s_x, and the second one's window start f + 1 - 2s per axis, coded as 2y + x.
+        cell_rows = (on_map * l1_index.stride.view(1, 1, 1, 1, 2)).sum(-1).view(-1)  # (N*25,)
+        choice = (s * self.axis_code).sum(-1).view(-1)  # (N,)
+        start = ((f - 2 * s) * self.axis_code).sum(-1).view(-1)  # (N,) in {1, 2}
+        cell_rows, choice, start = torch.cat([cell_rows, choice, start]).long().split([25 * n, n, n])
+        rows = l1_index.base.view(-1, 1, 1) + cell_rows.view(*origin.shape[:2], 25)  # rows of the table
+        matrix = self.windows_14.index_select(0, choice) * inside  # (N, 36, 25), stored like the table (see __init__)
         # index_select, not table[rows]: the same rows, several times faster on CPU (advanced
         # indexing takes a general strided-gather kernel).
         window = table.index_select(0, rows.view(-1)).view(n, 25, -1)  # (N, 25, C) L1 cells, channels last
@@ -134,8 +147,7 @@ class LocalRefinement(nn.Module):
         centre = up_14[:, 1:-1, 1:-1].reshape(n * 16, -1)
         residual = linear(centre, self.conv_residual.weight.flatten(1), self.conv_residual.bias).view(n, 4, 4, -1)
         feat_14 = feat_14.permute(0, 2, 3, 1) + residual  # (N, 4, 4, mid): feat_14[2c-1+s : 2c+3+s]
-        start = ((f - 2 * s) * self.axis_code).sum(-1).long().view(-1)  # window start f+1-2s in {1, 2} per axis
-        windows_28 = self.windows_28.index_select(0, start).to(feat_14.dtype)
+        windows_28 = self.windows_28.index_select(0, start)
         up_28 = torch.bmm(windows_28, feat_14.reshape(n, 16, -1))  # up_28[4c+f-1 : 4c+f+3]
         feat_28 = F.gelu(F.conv2d(up_28.view(n, 4, 4, -1).permute(0, 3, 1, 2), self.conv_out.weight, self.conv_out.bias))
         frac = (position - f).view(n, 2)  # (N, 2) in [0, 1): bilinear weights inside feat_28's 2x2 window

@@ -25,7 +25,7 @@ from torch import nn
 
 from spd.models.onednn import Linear
 from spd.models.precision import keep_fp32
-from spd.models.rows import LevelIndex, QueryRows, bag_sum, corner_rows
+from spd.models.rows import LevelIndex, QueryRows, bag_sum, corner_rows, product_in
 
 ValueProjOrder = Literal["auto", "project_first", "sample_first"]
 
@@ -188,7 +188,7 @@ class MSDeformableAttention(nn.Module):
         offsets, weights = self._offsets_and_weights(h)  # (B, K, H, L, P, 2), (B, K, H, L, P)
         bags, corner_weight = corner_rows(plan.cells + offsets, index)  # (B, K, H, 4, L, P) rows of the per-head view
         bags = bags.view(-1)  # bags of 4*L*P per (query, head), flat
-        weight = (corner_weight * weights.unsqueeze(-3)).view(-1)
+        weight = product_in(table.dtype, corner_weight, weights.unsqueeze(-3)).view(-1)  # fp32 product, stored as the table
         sampled = bag_sum(table.view(-1, self.d_model // heads), bags, weight, plan.starts_msda)  # (B*K*H, d_head)
         return self.output_proj(sampled.view(batch, num_queries, self.d_model))
 

@@ -92,7 +92,8 @@ def kernel_problem(dtype: torch.dtype) -> str | None:
         return ("this CPU has no bf16 inner product in oneDNN (it needs AVX-512 or AMX), and bf16 matmuls are much "
                 "slower than fp32 here (5 vs 86 GMAC/s measured on an AVX2 CPU): prefer fp32")
     generator = torch.Generator().manual_seed(0)
-    x, weight, bias = (torch.randn(*shape, generator=generator, dtype=dtype) for shape in ((4, 32), (16, 32), (16,)))
+    x, weight = (torch.randn(*shape, generator=generator, dtype=dtype) for shape in ((4, 32), (16, 32)))
+    bias = torch.randn(16, generator=generator)  # fp32 as `linear` passes it in bf16 too (see there)
     try:
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
             fused = fused_linear_kernel()(x, weight, bias, "gelu", [], "none").float()
@@ -129,9 +130,11 @@ def kernel_report() -> dict[str, str]:
                                                                                           ("bf16", torch.bfloat16))}
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype `F.linear` computes in here: autocast's when it is on (it casts every operand)."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` computes in: autocast's on x's device when it is on (it casts every
+    operand), else x's own. Ops that feed a matmul write their result in it (`out=`) instead of casting."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def takes_onednn(x: torch.Tensor) -> bool:
@@ -140,32 +143,38 @@ def takes_onednn(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
-        and onednn_runs(_compute_dtype(x))
+        and onednn_runs(compute_dtype(x))
     )
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
+           fp32_bias: bool = False) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, followed by the exact (erf) GELU when `gelu`.
 
     Through oneDNN (GELU fused into the matmul) when `takes_onednn(x)`, casting the operands as
     autocast would; otherwise, or when the dtypes disagree outside autocast (F.linear's error then),
     `F.linear` and the GELU (in place without autograd). Same numbers up to float rounding (tests:
     <= 1e-5 relative in fp32). Shape: x (..., in), weight (out, in), bias (out,) -> (..., out).
+
+    fp32_bias: on oneDNN an fp32 bias stays fp32 in a bf16 call (added to the fp32 accumulator; the
+    probe checks it may): for a bias made in fp32 in every call (the encoder's folded GRN bias),
+    which would otherwise be cast every call. Not for layers whose autocast result must match.
     """
     if not takes_onednn(x) or not _dtypes_agree(x, weight, bias):
         out = F.linear(x, weight, bias)
         if not gelu:
             return out
         return F.gelu(out) if torch.is_grad_enabled() else torch.ops.aten.gelu_(out)
-    dtype = _compute_dtype(x)
-    operands = [_as(t, dtype) for t in (x, weight, bias)]
+    dtype = compute_dtype(x)
+    keep_bias = bias is None or (fp32_bias and bias.dtype == torch.float32)
+    operands = [_as(x, dtype), _as(weight, dtype), bias if keep_bias else _as(bias, dtype)]
     try:
         if gelu:
             return fused_linear_kernel()(*operands, "gelu", [], "none")
         return fused_linear_kernel()(*operands, "none", [], "")
     except RuntimeError as err:  # a shape or kernel the probe did not meet: the plain op, from now on
         _give_up(dtype, str(err).splitlines()[0])
-        return linear(x, weight, bias, gelu)
+        return linear(x, weight, bias, gelu, fp32_bias)
 
 
 def _dtypes_agree(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

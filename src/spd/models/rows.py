@@ -49,7 +49,7 @@ def build_row_table(
     batch, channels = maps[0].shape[:2]
     rows = [m.permute(0, 2, 3, 1).reshape(-1, channels) for m in maps]  # (B*h*w, d) per map
     if dtype is not None:
-        rows = [r.to(dtype) for r in rows]
+        rows = [r if r.dtype == dtype else r.to(dtype) for r in rows]
     table = torch.cat(rows)
     sizes = tuple((m.shape[-2], m.shape[-1]) for m in maps)
     offsets, start = [], 0
@@ -101,34 +101,40 @@ class LevelIndex:
 def level_index(layout: RowLayout, maps: list[int], device: torch.device, heads: int = 1,
                 points: int | None = None) -> LevelIndex:
     """The `LevelIndex` of the layout's maps `maps` (indices into the table), for `heads` heads;
-    corner-major for `points` sampling points per level, corner-last when None."""
-    sizes = torch.tensor([layout.sizes[i] for i in maps], dtype=torch.long)  # (L, 2) h, w
-    offsets = torch.tensor([layout.offsets[i] for i in maps], dtype=torch.long)
-    base = offsets + torch.arange(layout.batch).view(-1, 1) * (sizes[:, 0] * sizes[:, 1])  # (B, L)
-    base = base.view(layout.batch, 1, -1) * heads + torch.arange(heads).view(1, -1, 1)  # (B, heads, L)
-    stride = (torch.stack([torch.ones_like(sizes[:, 1]), sizes[:, 1]], -1) * heads).float()  # (L, 2)
-    max_xy = (sizes.flip(-1) - 1).float()  # (L, 2)
-    step = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    upper = step > 0
-    weight_base, weight_sign = (~upper).float(), torch.where(upper, 1.0, -1.0)
+    corner-major for `points` sampling points per level, corner-last when None. Built from Python
+    numbers straight on `device` in its final dtype (no host tensor to copy, no cast)."""
+    sizes = [layout.sizes[i] for i in maps]  # (h, w) per level
+    levels = len(maps)
+    per_image = [layout.offsets[i] for i in maps], [h * w for h, w in sizes]
+    base = [[[(offset + image * cells) * heads + head for offset, cells in zip(*per_image)] for head in range(heads)]
+            for image in range(layout.batch)]  # (B, heads, L): the row of cell (0, 0)
+    stride = [[float(heads), float(w * heads)] for _, w in sizes]  # (L, 2)
+    max_xy = [[float(w - 1), float(h - 1)] for h, w in sizes]  # (L, 2)
+    step = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    weight_base = [[0.0 if s else 1.0 for s in corner] for corner in step]  # 1 - |x - corner| = base + sign * frac
+    weight_sign = [[1.0 if s else -1.0 for s in corner] for corner in step]
+
+    def tensor(values, dtype=torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
     if points is None:
-        fields = dict(max_xy=max_xy.view(-1, 1, 1, 2), stride=stride.view(-1, 1, 1, 2),
-                      base=base.view(layout.batch, 1, heads, -1, 1, 1), step=step, weight_base=weight_base,
-                      weight_sign=weight_sign)
+        fields = dict(max_xy=tensor(max_xy).view(-1, 1, 1, 2), stride=tensor(stride).view(-1, 1, 1, 2),
+                      base=tensor(base, torch.long).view(layout.batch, 1, heads, -1, 1, 1), step=tensor(step),
+                      weight_base=tensor(weight_base), weight_sign=tensor(weight_sign))
     else:
-        levels = len(maps)
         full = (4, levels, points, 2)
 
-        def per_corner(t: torch.Tensor) -> torch.Tensor:
-            return t.view(4, 1, 1, 2).expand(full).contiguous()
+        def per_corner(values) -> torch.Tensor:
+            return tensor(values).view(4, 1, 1, 2).expand(full).contiguous()
 
-        def per_level(t: torch.Tensor) -> torch.Tensor:
-            return t.view(1, levels, 1, 2).expand(full).contiguous()
+        def per_level(values) -> torch.Tensor:
+            return tensor(values).view(1, levels, 1, 2).expand(full).contiguous()
 
         fields = dict(max_xy=per_level(max_xy), stride=per_level(stride), step=per_corner(step),
                       weight_base=per_corner(weight_base), weight_sign=per_corner(weight_sign),
-                      base=base.view(layout.batch, 1, heads, 1, levels, 1).expand(-1, -1, -1, 4, -1, points).contiguous())
-    return LevelIndex(**{name: value.to(device) for name, value in fields.items()}, corner_major=points is not None)
+                      base=tensor(base, torch.long).view(layout.batch, 1, heads, 1, levels, 1)
+                      .expand(-1, -1, -1, 4, -1, points).contiguous())
+    return LevelIndex(**fields, corner_major=points is not None)
 
 
 def corner_rows(cells: torch.Tensor, index: LevelIndex) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +160,31 @@ def corner_rows(cells: torch.Tensor, index: LevelIndex) -> tuple[torch.Tensor, t
     # Cell indices are small integers, exact in float32 (< 2^24): sum in float, one cast at the end.
     rows = index.base + (on_map * index.stride).sum(-1).long()
     return rows, weight
+
+
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor in `dtype`, with no op at all when it is already (a no-op `.to` still dispatches)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def product_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b (broadcast) computed in their common dtype and stored in `dtype` by the multiply itself:
+    one op where `(a * b).to(dtype)` is two (on a GPU each is a kernel launch; `spd.bench.casts`)."""
+    if torch.promote_types(a.dtype, b.dtype) == dtype:
+        return a * b
+    return torch.mul(a, b, out=a.new_empty(torch.broadcast_shapes(a.shape, b.shape), dtype=dtype))
+
+
+def cat_in(dtype: torch.dtype, tensors: list[torch.Tensor], dim: int = -1) -> torch.Tensor:
+    """torch.cat stored in `dtype` (e.g. the bf16 a following matmul computes in): under autocast a plain
+    cat of bf16 and fp32 parts casts the bf16 ones up and the matmul casts the whole result back down;
+    this writes each part once, rounded as that matmul would have. Same values. With autograd on (training)
+    it is the plain cat (an `out=` op has no gradient)."""
+    if torch.is_grad_enabled() or all(t.dtype == dtype for t in tensors):
+        return torch.cat(tensors, dim)
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.cat(tensors, dim, out=tensors[0].new_empty(shape, dtype=dtype))
 
 
 @contextmanager
@@ -202,8 +233,7 @@ def bag_sum(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, star
 
     Shape: rows, weights (N * J,) flat; starts (N,) = 0, J, 2J, ... (each bag's first entry) -> (N, C).
     """
-    if weights.dtype != table.dtype:
-        weights = weights.to(table.dtype)
+    weights = as_dtype(weights, table.dtype)
     if _export_ops:
         bags = starts.shape[0]
         gathered = table.index_select(0, rows).view(bags, -1, table.shape[1])  # (N, J, C)
@@ -224,7 +254,8 @@ class QueryRows:
     Shape:
         cells (B, K, 1, 4, 1, 2): each query's continuous cell position on each level (MSDA adds its
             offsets (B, K, H, L, P, 2) to it);
-        seed_rows / seed_weights (B*K*16,): the seed's bilinear reads of the four levels (bags of 4);
+        seed_rows / seed_weights (B*K*16,): the seed's bilinear reads of the four levels (bags of 4), the
+            weights in the table's dtype;
         canvas_rows (B*K*12,), beta (B, K, 3, 4): the canvas levels' corners (rows of the canvas
             buffer) and bilinear weights (0 for padded queries); the write and the read use both;
         soft_beta (B, K, 3, 4, 1): the canvas write's weights, beta / (cell's sum + 1), in the canvas dtype;
@@ -255,16 +286,18 @@ def query_rows(grid: torch.Tensor, mask: torch.Tensor, seed: LevelIndex, extent:
     msda_bags = (heads, levels * points * 4), the shape of MSDA's bags per query."""
     batch, num_queries = grid.shape[:2]
     cells = ((grid.view(batch, num_queries, 1, 1, 1, 2) + 1.0) * extent - 1.0) / 2.0  # (B, K, 1, 4, 1, 2)
-    rows, beta = corner_rows(cells, seed)  # (B, K, 1, 4, 1, 4)
-    beta = beta.view(batch, num_queries, 4, 4) * mask.view(batch, num_queries, 1, 1)
+    rows, corner_weights = corner_rows(cells, seed)  # (B, K, 1, 4, 1, 4)
+    corner_weights, mask = corner_weights.view(batch, num_queries, 4, 4), mask.view(batch, num_queries, 1, 1)
+    beta = corner_weights * mask  # fp32: the canvas's soft-mean weights are made from it
+    seed_weights = product_in(canvas_dtype, corner_weights, mask)  # the same values, in the table's dtype
     canvas_rows = (rows.view(batch, num_queries, 4, 4)[:, :, 1:] - canvas_start).reshape(-1)  # (B*K*3*4,)
     beta_canvas = beta[:, :, 1:]
     weight_sum = add_rows(beta.new_zeros(canvas_size), canvas_rows, beta_canvas.reshape(-1))
-    soft_beta = beta_canvas / (weight_sum[canvas_rows].view(beta_canvas.shape) + 1.0)
+    denominator = weight_sum[canvas_rows].view(beta_canvas.shape) + 1.0
+    soft_beta = torch.div(beta_canvas, denominator, out=beta_canvas.new_empty(beta_canvas.shape, dtype=canvas_dtype))
     starts4 = bag_starts(batch * num_queries * 4, 4, grid.device)
     heads, bag = msda_bags
-    soft_beta = soft_beta.unsqueeze(-1).to(canvas_dtype)
-    return QueryRows(cells, rows.view(-1), beta.view(-1), canvas_rows, beta_canvas, soft_beta, starts4,
+    return QueryRows(cells, rows.view(-1), seed_weights.view(-1), canvas_rows, beta_canvas, soft_beta.unsqueeze(-1), starts4,
                      starts4[: batch * num_queries * 3], bag_starts(batch * num_queries * heads, bag, grid.device))
 
 

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from spd.models.onednn import Linear
-from spd.models.rows import QueryRows, bag_sum
+from spd.models.onednn import Linear, compute_dtype
+from spd.models.rows import QueryRows, bag_sum, cat_in
 from spd.models.splat import sample_at
 
 
@@ -47,5 +47,6 @@ class QuerySeed(nn.Module):
         (padded queries read zeros; nothing reads their seeds). table (R, d) -> h0 (B, K, d)."""
         batch, num_queries = positions.shape[:2]
         samples = bag_sum(table, plan.seed_rows, plan.seed_weights, plan.starts4).view(batch, num_queries, -1)  # L1..proj_L4
-        features = torch.cat([samples, fourier_encoding(positions, self.num_freqs)], dim=-1)
+        # Stored in the matmul's dtype: the bf16 samples are not cast up to meet the fp32 encoding.
+        features = cat_in(compute_dtype(samples), [samples, fourier_encoding(positions, self.num_freqs)])
         return self.norm(self.proj(features))

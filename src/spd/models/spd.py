@@ -28,8 +28,9 @@ from spd.models.msda import MSDeformableAttention
 from spd.models.neck import CoarseProjection, L4SelfAttention, Neck
 from spd.models.optim_groups import encoder_decoder_param_groups
 from spd.models.paths import InferencePaths
-from spd.models.rows import (RowLayout, build_row_table, dense_canvas_splat, exporting_ops, level_index, map_view,
-                             query_rows)
+from spd.models.onednn import compute_dtype
+from spd.models.rows import (RowLayout, build_row_table, cat_in, dense_canvas_splat, exporting_ops, level_index,
+                             map_view, query_rows)
 from spd.models.seed import QuerySeed
 from spd.models.splat import make_splat_plan
 
@@ -140,7 +141,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         # Channels-last: MSDA's value projection then writes rows, as the row table stores them.
         l1, l2 = (m.contiguous(memory_format=torch.channels_last) for m in (l1, l2))
         value_maps = [layer.cross.value_maps([l1, l2, l3, l4]) for layer in self.msda_layers]
-        affine = query_affine(image_size, padded_size(*image_size)).to(images.device)
+        affine = query_affine(image_size, padded_size(*image_size), images.device)
         if not (paths.decoder or paths.ldrm):  # the reference paths read the maps themselves: no table to copy
             return EncodedFeatures(l1, l2, l3, l4, proj_l3, proj_l4, value_maps, global_kv, image_size, None, None, None,
                                    None, affine, None, None)
@@ -159,7 +160,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         heads = self.config.n_heads
         points = self.config.n_points
         msda_index = None if msda_maps is None else [level_index(layout, ids, device, heads, points) for ids in msda_maps]
-        seed_extent = torch.tensor([[w, h] for h, w in layout.sizes[:4]], dtype=torch.float32).view(4, 1, 2).to(device)
+        seed_extent = torch.tensor([[w, h] for h, w in layout.sizes[:4]], dtype=torch.float32, device=device).view(4, 1, 2)
         return EncodedFeatures(
             *seed_views[:2], l3, l4, *seed_views[2:], msda_views, global_kv, image_size, table, layout, seed_index, msda_index,
             affine, seed_extent, l1_index,
@@ -225,7 +226,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         if self.ldrm is not None:
             rows = (features.table, features.l1_index) if fast.ldrm else None
             local, feat_patch = self.ldrm(features.l1, queries, return_patch=return_aux, rows=rows)
-            head_input = torch.cat([h, local], dim=-1)
+            head_input = cat_in(compute_dtype(local), [h, local])  # in the head's matmul dtype
         depth = self.head(head_input) * mask  # padded entries are 0
         if not return_aux:
             return depth
@@ -310,14 +311,14 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         return load_model(model_id, map_location)
 
 
-def query_affine(image_size: tuple[int, int], padded_size: tuple[int, int]) -> torch.Tensor:
+def query_affine(image_size: tuple[int, int], padded_size: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
     """(4, 2) float32: pixel (u, v) -> grid coordinate `u * a + b` (`pixel_to_grid`'s
     (2u + 1) / W_pad - 1) and -> position in [0, 1] `u * c + d` ((u + 0.5) / W), per axis (x, y)."""
     (height, width), (padded_h, padded_w) = image_size, padded_size
     return torch.tensor([
         [2.0 / padded_w, 2.0 / padded_h], [1.0 / padded_w - 1.0, 1.0 / padded_h - 1.0],
         [1.0 / width, 1.0 / height], [0.5 / width, 0.5 / height],
-    ], dtype=torch.float32)
+    ], dtype=torch.float32, device=device)
 
 
 # --- model folders ---------------------------------------------------------------------------------

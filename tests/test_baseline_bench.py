@@ -66,9 +66,14 @@ def test_every_trainable_baseline_parameter_gets_a_gradient(baseline):
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "-m", "spd.cli", "bench", "--height", "64", "--width", "96", "--k", "1,16",
-                    "--repeat", "1", "--json", str(out), "--plot", str(tmp_path / "bench.png"), "--no-train-step"],
-                   check=True, capture_output=True)
+                    "--repeat", "1", "--json", str(out), "--plot", str(tmp_path / "bench.png"), "--no-train-step",
+                    "--batch", "1,2"], check=True, capture_output=True)
     result = json.loads(out.read_text())
+    throughput = result["throughput"]["fp32"]  # images/s of both models at each batch size
+    assert set(throughput) == {"1", "2"}
+    assert all(t["spd_images_per_s"] > 0 and t["baseline_images_per_s"] > 0 for t in throughput.values())
+    casts = result["casts"]  # dtype conversions of one Predictor encode and decode (issue 28)
+    assert casts["k"] == 16 and 0 < casts["fp32"]["encode"] <= 40 and 0 < casts["fp32"]["decode"] <= 10
     for key in ("encode_ms", "decode_ms", "total_ms"):
         assert key in result["spd"]
     assert set(result["spd"]["decode_ms"]) == {"1", "16"}

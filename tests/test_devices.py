@@ -41,24 +41,33 @@ def test_fast_paths_match_reference_paths(device, no_tf32):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_decode_is_one_graph_per_bucket_and_equals_eager(device, no_tf32):
-    """Two K values of one bucket (10 and 13 -> 16): compiled once with fullgraph=True (CUDA graphs
-    on CUDA), no recompile for the second, and the same depths as the eager predictor."""
+def test_compiled_predictor_is_one_graph_per_shape_and_equals_eager(device, no_tf32):
+    """The whole predictor compiled (fullgraph; CUDA graphs on CUDA): three real frames of one size and
+    K = 50, 60 (one bucket, 64) compile encode once and decode once, with no recompile after those
+    first calls (dynamo's counters), and give the eager predictor's depths."""
+    from torch._dynamo.utils import counters
+
     # Milder random weights than the fast-path test: compiled kernels (other GEMMs, fused index maths)
     # round sampling positions differently by ~1e-7, which very steep random weights amplify.
     model = _tiny(device, spread=0.1)
     compiled = spd.Predictor(model, device, compile=True)
     eager = spd.Predictor(model, device, buckets=compiled.buckets)  # the same padded shapes, eager
-    image = str(FIXTURES / "sync" / "rgb_00000.jpg")
-    features = compiled.encode(image)
+    images = [str(FIXTURES / "sync" / f"rgb_{i:05d}.jpg") for i in (0, 50)] + [str(FIXTURES / "sync" / "rgb_00000.jpg")]
     generator = np.random.default_rng(0)
-    points = [generator.uniform([0, 0], [639, 479], size=(k, 2)) for k in (10, 13)]
+    points = [generator.uniform([0, 0], [639, 479], size=(k, 2)) for k in (50, 60)]
     torch._dynamo.reset()
-    first = compiled.decode(features, points[0])
+    counters.clear()
+    first = compiled.decode(compiled.encode(images[0]), points[0])  # compiles encode and decode(64)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2, dict(counters["stats"])
     with torch._dynamo.config.patch(error_on_recompile=True):
-        second = compiled.decode(features, points[1])
-    np.testing.assert_allclose(first, eager.decode(features, points[0]), rtol=1e-5)
-    np.testing.assert_allclose(second, eager.decode(features, points[1]), rtol=1e-5)
+        for image in images[1:]:
+            features = compiled.encode(image)
+            for query_points in points:
+                np.testing.assert_allclose(compiled.decode(features, query_points),
+                                           eager.decode(eager.encode(image), query_points), rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == graphs
+    np.testing.assert_allclose(first, eager.predict(images[0], points[0]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

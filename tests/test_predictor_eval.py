@@ -123,6 +123,29 @@ def test_predict_batch(predictor, picture):
     assert [o.shape for o in out] == [(1,), (2,)]
 
 
+@pytest.mark.parametrize("chunk_size", [256, 6])
+def test_predict_batch_is_one_batched_call_with_predicts_depths(tiny_model, chunk_size):
+    """Images of one model size are encoded together and their point sets decoded in one padded call
+    (one by one in chunks when a set exceeds chunk_size): the depths `predict` gives each image, also
+    for an empty set, another size in the same batch, and a camera."""
+    generator = np.random.default_rng(3)
+    images = [generator.integers(0, 256, size=shape, dtype=np.uint8) for shape in ((70, 101, 3), (70, 101, 3), (48, 64, 3), (70, 101, 3))]
+    points = [generator.uniform([0, 0], [image.shape[1] - 1, image.shape[0] - 1], size=(k, 2))
+              for image, k in zip(images, (5, 9, 4, 0))]
+    cameras = [None, (90.0, 90.0, 50.0, 35.0), None, None]
+    predictor = Predictor(tiny_model, "cpu", chunk_size=chunk_size)
+    calls = []
+    decode_batch = predictor._decode_batch
+    predictor._decode_batch = lambda features, queries: calls.append(len(queries)) or decode_batch(features, queries)
+    batched = predictor.predict_batch(images, points, cameras)
+    assert calls == ([3] if chunk_size == 256 else [])  # the three 70x101 images in one call; 9 > 6: one by one
+    for image, query, camera, depth in zip(images, points, cameras, batched):
+        np.testing.assert_allclose(depth, predictor.predict(image, query, camera), rtol=1e-5, atol=1e-6)
+        assert depth.dtype == np.float32 and depth.shape == (len(query),)
+    with pytest.raises(ValueError, match="point 0"):
+        predictor.predict_batch(images[:2], [points[0], [[1000.0, 1.0]]])
+
+
 def test_spd_predict_cli_writes_json_csv_and_a_readable_overlay(tmp_path, tiny_model, picture):
     _, path = picture
     model_dir = save_model(tiny_model, tmp_path / "model")

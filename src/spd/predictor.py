@@ -23,6 +23,7 @@ query set, and the same inputs always give the same outputs.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from PIL import Image, ImageOps
 
 from spd.cameras.canonical import canonical_focal_of, prediction_to_metric
 from spd.cameras.scale import long_side_of, scaled_size, to_model_pixels
-from spd.chunked import K_BUCKETS, decode_in_chunks
+from spd.chunked import K_BUCKETS, bucket_size, decode_in_chunks
 from spd.data.io import read_rgb
 from spd.data.transforms import normalize_image
 from spd.errors import UserInputError
@@ -124,6 +125,34 @@ def check_points(points, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32))  # in numpy: no tensor cast op (`spd.bench.casts`)
 
 
+def copy_tensors(value):
+    """A copy of every tensor in a (nested) dataclass / list / tuple, the rest shared: features made by a
+    CUDA graph, whose output memory its next replay overwrites."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: copy_tensors(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    if isinstance(value, (list, tuple)):
+        return type(value)(copy_tensors(v) for v in value)
+    return value
+
+
+def _normalised(rgb: np.ndarray) -> torch.Tensor:
+    """(h, w, 3) uint8 -> (3, h, w) float32, ImageNet-normalised."""
+    return normalize_image(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
+
+
+def _seen_scale(prepared: PreparedImage) -> tuple[float, float]:
+    """(x, y) size the model sees over the size the caller gave."""
+    return prepared.seen.shape[1] / prepared.width, prepared.seen.shape[0] / prepared.height
+
+
+def _to_numpy(depth: torch.Tensor) -> np.ndarray:
+    """float32 numpy on the host, with no op where the tensor is that already."""
+    return on_device(depth if depth.dtype == torch.float32 else depth.float(), torch.device("cpu")).numpy()
+
+
 def on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """tensor on `device`, with no op at all when it is there already (a no-op `.to` still dispatches)."""
     return tensor if tensor.device == device else tensor.to(device)
@@ -150,8 +179,10 @@ class Predictor:
         dtype: "fp32", or "bf16" (autocast: matmuls and convolutions in bf16; coordinates, softmax,
             normalisation and the final exp stay fp32). A bf16 predictor runs a copy of the model
             with those weights stored in bf16 once (`spd.models.precision`); `model` is unchanged.
-        compile: decode through `torch.compile(fullgraph=True)` (CUDA graphs on CUDA), each chunk
-            padded to a K bucket (`spd.chunked.K_BUCKETS`) so only a few shapes ever compile.
+        compile: the whole predictor through `torch.compile(fullgraph=True, dynamic=False)`, as CUDA
+            graphs on CUDA: encode compiles once per image size the model sees (a camera stream has
+            one), decode once per K bucket: each chunk is padded to a bucket (`spd.chunked.K_BUCKETS`)
+            so only a few shapes ever compile. The first call of each shape compiles (seconds to a minute).
         buckets: override the K buckets (None: K_BUCKETS when compiling, exact sizes otherwise).
         long_side: every image is resized to this long side before encoding; "model" (default): the
             model's pixel scale, the long side of its training frames (`spd.cameras.scale`: metric
@@ -180,9 +211,12 @@ class Predictor:
         self.chunk_size = chunk_size
         self.seed = seed
         self.dtype = dtype
-        self._decode = self.model.decode
+        self._encode, self._decode = self.model.encode, self.model.decode
+        # CUDA graphs replay into the same output memory: features a caller keeps must be copied out.
+        self._graph_outputs = compile and self.device.type == "cuda"
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            self._encode = torch.compile(self.model.encode, fullgraph=True, dynamic=False, mode=mode)
             self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=False, mode=mode)
         if buckets is None and compile:
             buckets = tuple(b for b in K_BUCKETS if b < chunk_size) + (chunk_size,)
@@ -222,19 +256,19 @@ class Predictor:
     @torch.inference_mode()
     def encode_prepared(self, prepared: PreparedImage) -> ImageFeatures:
         """`encode` of an image `prepare` (or an equivalent decoder) has sized for the model."""
-        seen = prepared.seen
-        tensor = normalize_image(torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1))[None]
-        scale = (seen.shape[1] / prepared.width, seen.shape[0] / prepared.height)
-        return ImageFeatures(self._encode_tensor(tensor), prepared.height, prepared.width, scale)
+        features = self._encode_tensor(_normalised(prepared.seen)[None])
+        return ImageFeatures(features, prepared.height, prepared.width, _seen_scale(prepared))
 
     def model_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) the model sees for an image of height x width: resized to `long_side` (the model's scale)."""
         return scaled_size(height, width, self.long_side)
 
+    @torch.inference_mode()
     def _encode_tensor(self, tensor: torch.Tensor):
-        """(1, 3, h, w) normalised -> the model's features."""
+        """(B, 3, h, w) normalised -> the model's features."""
         with self._autocast():
-            return self.model.encode(on_device(tensor, self.device))
+            features = self._encode(on_device(tensor, self.device))
+        return copy_tensors(features) if self._graph_outputs else features
 
     @torch.inference_mode()
     def decode(self, features: ImageFeatures, points, intrinsics: Sequence[float] | None = None) -> np.ndarray:
@@ -247,8 +281,11 @@ class Predictor:
         with self._autocast():
             depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed,
                                      buckets=self.buckets, decode=self._decode)
-        depth = on_device(depth if depth.dtype == torch.float32 else depth.float(), torch.device("cpu")).numpy()
-        seen_focal = intrinsics[0] * features.scale[0] if intrinsics is not None else None  # fx on the model's image
+        return self._metric(_to_numpy(depth), intrinsics, features.scale)
+
+    def _metric(self, depth: np.ndarray, intrinsics: Sequence[float] | None, scale: tuple[float, float]) -> np.ndarray:
+        """The model's canonical-camera depth -> metres for the camera of `intrinsics` (checked)."""
+        seen_focal = intrinsics[0] * scale[0] if intrinsics is not None else None  # fx on the model's image
         return prediction_to_metric(depth, seen_focal, self.canonical_focal).astype(np.float32)
 
     def predict(self, image: ImageLike, points, intrinsics: Sequence[float] | None = None) -> np.ndarray:
@@ -269,5 +306,38 @@ class Predictor:
             raise UserInputError(f"{len(images)} images but {len(points_list)} point sets")
         if intrinsics_list is not None and len(intrinsics_list) != len(images):
             raise UserInputError(f"{len(images)} images but {len(intrinsics_list)} intrinsics")
-        cameras = intrinsics_list if intrinsics_list is not None else [None] * len(images)
-        return [self.predict(image, points, camera) for image, points, camera in zip(images, points_list, cameras)]
+        cameras = [None if c is None else checked_intrinsics(c, "intrinsics")
+                   for c in (intrinsics_list if intrinsics_list is not None else [None] * len(images))]
+        prepared = [self.prepare(image) for image in images]
+        queries = [check_points(points, image.height, image.width) for points, image in zip(points_list, prepared)]
+        groups: dict[tuple[int, ...], list[int]] = {}  # images the model sees at one size
+        for index, image in enumerate(prepared):
+            groups.setdefault(image.seen.shape, []).append(index)
+        depths: list[np.ndarray] = [np.zeros(0, np.float32)] * len(images)
+        for members in groups.values():
+            if len(members) == 1 or max(queries[i].shape[0] for i in members) > self.chunk_size:
+                for i in members:  # one by one, large sets in chunks: exactly `predict`
+                    depths[i] = self.decode(self.encode_prepared(prepared[i]), points_list[i], cameras[i])
+                continue
+            features = self._encode_tensor(torch.stack([_normalised(prepared[i].seen) for i in members]))
+            scales = [_seen_scale(prepared[i]) for i in members]
+            seen = [on_device(to_model_pixels(queries[i], scale), self.device) for i, scale in zip(members, scales)]
+            for i, depth, scale in zip(members, self._decode_batch(features, seen), scales):
+                depths[i] = self._metric(depth, cameras[i], scale)
+        return depths
+
+    @torch.inference_mode()
+    def _decode_batch(self, features, queries: list[torch.Tensor]) -> list[np.ndarray]:
+        """Depth (canonical camera) at each image's (K_b, 2) model-pixel queries, K_b <= chunk_size, in one
+        decode call of (B, K) padded with masked queries (K = the largest K_b, or its bucket)."""
+        counts = [q.shape[0] for q in queries]
+        if max(counts) == 0:
+            return [np.zeros(0, np.float32) for _ in queries]
+        size = bucket_size(max(counts), self.buckets) if self.buckets else max(counts)
+        padded = torch.zeros(len(queries), size, 2, device=self.device)
+        mask = torch.zeros(len(queries), size, dtype=torch.bool, device=self.device)
+        for row, (points, count) in enumerate(zip(queries, counts)):
+            padded[row, :count], mask[row, :count] = points, True
+        with self._autocast():
+            depth = _to_numpy(self._decode(features, padded, mask, check_values=False))
+        return [depth[row, :count] for row, count in enumerate(counts)]

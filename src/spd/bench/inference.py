@@ -118,6 +118,30 @@ class BenchSetup:
     encode: object
     decode: object
     base_encode: object
+    base_decode: object
+
+
+def compiled_pair(model, device: torch.device) -> tuple:
+    """(encode, decode) of `model` as `Predictor(compile=True)` runs them: fullgraph, static shapes (one
+    graph per image size and per K), CUDA graphs on CUDA, where the encoder's outputs are copied out
+    (its next replay overwrites them) as the predictor copies them."""
+    from spd.predictor import copy_tensors
+
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    encode = torch.compile(model.encode, fullgraph=True, dynamic=False, mode=mode)
+    decode = torch.compile(model.decode, fullgraph=True, dynamic=False, mode=mode)
+    if device.type == "cuda":
+        return (lambda images: copy_tensors(encode(images))), decode
+    return encode, decode
+
+
+def model_callables(spd_model, baseline, device: torch.device, compile: bool) -> dict:
+    """encode / decode / base_encode / base_decode of both models, eager or both compiled end to end.
+    The queries are valid by construction: decode as the predictor does after its one validation."""
+    encode, decode = compiled_pair(spd_model, device) if compile else (spd_model.encode, spd_model.decode)
+    base_encode, base_decode = compiled_pair(baseline, device) if compile else (baseline.encode, baseline.decode)
+    return dict(encode=encode, decode=lambda features, queries: decode(features, queries, check_values=False),
+                base_encode=base_encode, base_decode=lambda features, queries: base_decode(features, queries, check_values=False))
 
 
 def build_setup(height: int, width: int, ks: tuple[int, ...], device: str, compile: bool, baseline_input: str) -> BenchSetup:
@@ -130,16 +154,7 @@ def build_setup(height: int, width: int, ks: tuple[int, ...], device: str, compi
     image = torch.randn(1, 3, height, width, device=dev)
     scale = torch.tensor([width - 1.0, height - 1.0])
     queries = {k: (torch.rand(1, k, 2, generator=torch.Generator().manual_seed(k)) * scale).to(dev) for k in ks}
-    encode, base_encode = spd_model.encode, baseline.encode
-    if compile:
-        # Both encoders (the dense, fixed-shape part of each model) are compiled. SPD's decoder
-        # stays eager: compiled for a fixed K = 256 it measured 36 vs 37 ms eager after 35 s of
-        # compiling, and slower than eager with dynamic K.
-        encode = torch.compile(spd_model.encode)
-        base_encode = torch.compile(baseline.encode)
-    # The queries are valid by construction: decode as the predictor does after its one validation.
-    decode = lambda features, queries: spd_model.decode(features, queries, check_values=False)  # noqa: E731
-    return BenchSetup(dev, spd_model, baseline, image, queries, encode, decode, base_encode)
+    return BenchSetup(dev, spd_model, baseline, image, queries, **model_callables(spd_model, baseline, dev, compile))
 
 
 def time_models(s: BenchSetup, ks: tuple[int, ...], repeat: int) -> dict:
@@ -147,7 +162,7 @@ def time_models(s: BenchSetup, ks: tuple[int, ...], repeat: int) -> dict:
     result: dict = {"spd": {"decode_ms": {}, "total_ms": {}}, "baseline": {}, "ratio_total": {}, "ratio_decode_encode": {}}
     features = s.encode(s.image)
     result["spd"]["encode_ms"] = median_ms(lambda: s.encode(s.image), repeat, s.device)
-    base_total = lambda: s.baseline.decode(s.base_encode(s.image), s.queries[ks[-1]])  # noqa: E731
+    base_total = lambda: s.base_decode(s.base_encode(s.image), s.queries[ks[-1]])  # noqa: E731
     base_total()
     result["baseline"]["total_ms"] = median_ms(base_total, repeat, s.device)
     for k in ks:
@@ -239,12 +254,8 @@ def setup_for_dtype(s: BenchSetup, dtype: str, compile: bool) -> BenchSetup:
     if dtype != "bf16":
         return s
     spd_model, baseline = low_precision_copy(s.spd_model), low_precision_copy(s.baseline)
-    decode = lambda features, queries: spd_model.decode(features, queries, check_values=False)  # noqa: E731
-    encode, base_encode = spd_model.encode, baseline.encode
-    if compile:  # compiled encoders: compile the copies too
-        encode, base_encode = torch.compile(encode), torch.compile(base_encode)
-    return dataclasses.replace(s, spd_model=spd_model, baseline=baseline, encode=encode, decode=decode,
-                               base_encode=base_encode)
+    return dataclasses.replace(s, spd_model=spd_model, baseline=baseline,
+                               **model_callables(spd_model, baseline, s.device, compile))
 
 
 def paired_total_ratio(first: tuple[BenchSetup, str], second: tuple[BenchSetup, str], k: int, repeat: int) -> float:
@@ -258,6 +269,38 @@ def paired_total_ratio(first: tuple[BenchSetup, str], second: tuple[BenchSetup, 
 
     total(*first), total(*second)  # warm-up
     return statistics.median(total(*second) / total(*first) for _ in range(repeat))
+
+
+def throughput(s: BenchSetup, batches: tuple[int, ...], k: int, repeat: int) -> dict:
+    """Images per second at batch B: SPD encodes B images in one call and decodes K queries on each in
+    one batched call; DAv2-S runs the same B images (dense map, then the same queries). Timed in
+    alternation; the ratio is the median of paired ratios, as the totals'. -> {B: figures}."""
+    out = {}
+    for batch in batches:
+        generator = torch.Generator().manual_seed(batch)
+        images = torch.randn(batch, *s.image.shape[1:], generator=generator).to(s.device)
+        queries = s.queries[k].expand(batch, -1, -1).contiguous()
+        spd_call = lambda: s.decode(s.encode(images), queries)  # noqa: E731
+        base_call = lambda: s.base_decode(s.base_encode(images), queries)  # noqa: E731
+        spd_call(), base_call()  # warm-up (and, compiled, the graphs of this batch size)
+        runs = [(median_ms(spd_call, 1, s.device, warmup=0), median_ms(base_call, 1, s.device, warmup=0)) for _ in range(repeat)]
+        spd_ms, base_ms = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        out[str(batch)] = {"k": k, "spd_images_per_s": batch * 1000 / spd_ms, "baseline_images_per_s": batch * 1000 / base_ms,
+                           "spd_over_baseline_images_per_s": statistics.median(b / a for a, b in runs)}
+    return out
+
+
+def cast_counts(s: BenchSetup, dtypes: tuple[str, ...], k: int) -> dict[str, dict[str, int]]:
+    """Dtype conversions of one `Predictor` encode and decode(K) per dtype (`spd.bench.casts`: on a GPU
+    each is a kernel launch), on the bench's image size, eager."""
+    from spd.bench.casts import predictor_casts
+    from spd.predictor import Predictor
+
+    height, width = s.image.shape[-2:]
+    image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    points = s.queries[k][0].cpu().numpy()
+    return {dtype: predictor_casts(Predictor(s.spd_model, s.device, dtype=dtype, long_side=None), image, points)
+            for dtype in dtypes}
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -276,10 +319,21 @@ def run_bench(
     compile_decode_ks: tuple[int, ...] = (),
     train_step: bool = True,
     onnx: bool = False,
+    batches: tuple[int, ...] = (1,),
+    train_batches: tuple[int, ...] = (1, 6),
 ) -> dict:
     """Every figure of `spd bench`. The first dtype gives the main rows; each further dtype (bf16)
     its own rows and its total-time ratio to the first, measured in the same run in alternation
-    (`paired_total_ratio`)."""
+    (`paired_total_ratio`). `compile`: both models compiled end to end (`compiled_pair`)."""
+    # Compiled: one graph per K and batch size; dynamo's default limit (8 per function) would fall back to eager.
+    limit = torch._dynamo.config.patch(recompile_limit=64) if compile else nullcontext()
+    with limit:
+        return _run_bench(height, width, ks, device, dtypes, compile, repeat, baseline_input, compile_decode_ks,
+                          train_step, onnx, batches, train_batches)
+
+
+def _run_bench(height, width, ks, device, dtypes, compile, repeat, baseline_input, compile_decode_ks, train_step, onnx,
+               batches, train_batches) -> dict:
     built = build_setup(height, width, ks, device, compile, baseline_input)
     s = setup_for_dtype(built, dtypes[0], compile)
     dev, primary = s.device, dtypes[0]
@@ -297,16 +351,19 @@ def run_bench(
             result["decode_ops"], result["decode_host_syncs"] = decode_ops_and_syncs(s, k_ref)
             if compile_decode_ks:
                 result["spd"]["decode_compiled_ms"] = time_compiled_decode(s, compile_decode_ks, repeat)
+            result["throughput"] = {primary: throughput(s, batches, k_ref, repeat)}
         for other in dtypes[1:]:
             with _autocast(dev, other):
                 other_setup = setup_for_dtype(built, other, compile)
                 result[other] = time_models(other_setup, ks, repeat)
                 result[other]["decode_ops"], result[other]["decode_host_syncs"] = decode_ops_and_syncs(other_setup, k_ref)
+                result["throughput"][other] = throughput(other_setup, batches, k_ref, repeat)
             result[f"{other}_over_{primary}_total"] = {
                 str(k): paired_total_ratio((s, primary), (other_setup, other), k, repeat) for k in ks
             }
         if "bf16" in dtypes[1:]:
             result["bf16_matmul_floor"] = bf16_matmul_floor(result, str(k_ref))
+        result["casts"] = {"k": k_ref, **cast_counts(built, dtypes, k_ref)}
     if onnx:
         if dev.type != "cpu":
             raise UserInputError("--backend onnx times ONNX Runtime's CPU provider: use --device cpu")
@@ -315,7 +372,7 @@ def run_bench(
         result["onnx"] = onnx_section(built.spd_model, built.baseline, built.image, built.queries, repeat,
                                       torch.get_num_threads())
     if train_step:
-        result["training_step"] = {dtype: training_step_section(device, dtype) for dtype in dtypes}
+        result["training_step"] = [training_step_section(device, dtype, batch) for dtype in dtypes for batch in train_batches]
     _add_run_facts(result, s, ks, dtypes, compile, repeat, height, width)
     return result
 
@@ -421,8 +478,16 @@ def _format_extras(result: dict) -> list[str]:
         lines.append(f"  bf16 floor: the {floor['gmacs']:.2f} GMACs of total(K={floor['k']}) at the bf16 GEMM rate above "
                      f"({floor['bf16_gmac_per_s']:.0f} GMAC/s) take {floor['ms']:.1f} ms with nothing else costing anything: "
                      f"bf16/{result['dtype']} total >= {floor['over_first_dtype_total']:.2f}")
-    for dtype, section in (result.get("training_step") or {}).items():
-        lines.append(format_training_step(dtype, section))
+    casts = result.get("casts")
+    if casts:
+        lines.append(f"dtype conversions per Predictor call (K={casts['k']}): " + "; ".join(
+            f"{dtype} encode {c['encode']}, decode {c['decode']}" for dtype, c in casts.items() if dtype != "k"))
+    for dtype, rows in (result.get("throughput") or {}).items():
+        lines.append(f"throughput ({dtype}, K={next(iter(rows.values()))['k']} per image): " + "; ".join(
+            f"batch {b}: SPD {t['spd_images_per_s']:.2f} images/s, DAv2-S {t['baseline_images_per_s']:.2f} "
+            f"({t['spd_over_baseline_images_per_s']:.2f}x)" for b, t in rows.items()))
+    for section in result.get("training_step") or []:
+        lines.append(format_training_step(section["dtype"], section))
     return lines
 
 

@@ -15,7 +15,13 @@ def add_parser(subparsers) -> None:
     add_device(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp32,bf16", "bf16,fp32"],
                    help="bf16 = autocast; two (fp32,bf16) time both in one run, with the ratio (default fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models' encoders")
+    p.add_argument("--compile", action="store_true",
+                   help="both models compiled end to end as Predictor(compile=True) runs them (fullgraph, one graph per "
+                        "image size and K; CUDA graphs on CUDA)")
+    p.add_argument("--batch", type=k_list, default=(1,), metavar="B,B",
+                   help="images/s of both models at these batch sizes (B images encoded at once, the reference K (256) each; default 1)")
+    p.add_argument("--train-batch", type=k_list, default=(1, 6), metavar="B,B",
+                   help="batch sizes of the training-step section (default 1,6: the plan's batch is 6)")
     p.add_argument("--compile-decode", type=k_list, default=None, metavar="K,K",
                    help="also time SPD's decode compiled (fullgraph, one static graph per K; CUDA graphs on CUDA) at these K")
     p.add_argument("--no-train-step", action="store_true",
@@ -41,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     if args.train_step_only:
         return _train_step_only(args)
     result = run_bench(args.height, args.width, ks, args.device, tuple(args.dtype.split(",")), args.compile, args.repeat,
-                       args.baseline_input, compile_ks, not args.no_train_step, args.backend == "onnx")
+                       args.baseline_input, compile_ks, not args.no_train_step, args.backend == "onnx", args.batch,
+                       args.train_batch)
     print(format_bench(result))
     if args.json:
         write_json(result, args.json)
@@ -58,10 +65,11 @@ def _train_step_only(args: argparse.Namespace) -> int:
     from spd.bench.train_step import format_training_step, training_step_section
 
     dtypes = args.dtype.split(",")
-    result = {"training_step": {dtype: training_step_section(args.device, dtype, repeat=args.repeat) for dtype in dtypes},
-              "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_facts()}
-    for dtype, section in result["training_step"].items():
-        print(format_training_step(dtype, section))
+    sections = [training_step_section(args.device, dtype, batch, repeat=args.repeat) for dtype in dtypes for batch in args.train_batch]
+    result = {"training_step": sections, "device": args.device, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "cpu": cpu_facts()}
+    for section in sections:
+        print(format_training_step(section["dtype"], section))
     if args.json:
         write_json(result, args.json)
     return 0

@@ -2,7 +2,10 @@
 # `make gpu-check`: the project's checks that need a GPU, with the figures written to OUT_DIR
 # (default docs/gpu/). On a machine without CUDA it says so and exits 0.
 #   1. the device-parametrised tests on cuda (tests/test_devices.py and friends: `-k cuda`)
-#   2. spd bench --device cuda, fp32 and bf16 in one run, compiled (CUDA-graph) decode at K = 256
+#   2. spd bench --device cuda, fp32 and bf16 in one run, eager: K from 1 to 4096, images/s at batch 1
+#      and 8, the training step at batch 1 and 6 (416x544, K = 256), cast counts
+#   2b. the same, both models compiled end to end (Predictor(compile=True): encode + decode(K) as CUDA
+#      graphs, one timing, not composed), K = 1, 256, 4096, batch 1 and 8
 #   3. 50 bf16 training steps of the full v15 preset at 416x544 on synthetic 480x640 rooms,
 #      with torchrun on every visible GPU
 # Uses .venv/bin/python when it exists, else python3 (a GPU image with torch preinstalled).
@@ -29,10 +32,16 @@ echo "== 1. cuda tests"
 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/test_devices.py 2>&1 | tee "$OUT_DIR/tests_cuda.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== 2. bench"
-"$PY" -m spd.cli bench --device cuda --dtype fp32,bf16 --k 1,16,64,256,1024,4096 --repeat 20 \
-  --compile-decode 256 --json "$OUT_DIR/bench_cuda.json" --plot "$OUT_DIR/bench_cuda.png" 2>&1 \
+echo "== 2. bench, eager"
+"$PY" -m spd.cli bench --device cuda --dtype fp32,bf16 --k 1,16,64,256,1024,4096 --repeat 20 --batch 1,8 \
+  --train-batch 1,6 --json "$OUT_DIR/bench_cuda.json" --plot "$OUT_DIR/bench_cuda.png" 2>&1 \
   | grep -v Warning | tee "$OUT_DIR/bench_cuda.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== 2b. bench, both models compiled end to end (CUDA graphs)"
+"$PY" -m spd.cli bench --device cuda --dtype fp32,bf16 --k 1,256,4096 --repeat 20 --batch 1,8 --compile \
+  --no-train-step --json "$OUT_DIR/bench_cuda_compiled.json" --plot "$OUT_DIR/bench_cuda_compiled.png" 2>&1 \
+  | grep -v Warning | tee "$OUT_DIR/bench_cuda_compiled.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 3. 50-step bf16 training of v15 at 416x544, $GPUS GPU(s)"

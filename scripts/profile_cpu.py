@@ -1,6 +1,6 @@
 """Where SPD's CPU time goes: torch.profiler's top ops (self time) of v15's encode and decode(K) at
-480x640, fp32 and bf16 autocast, random weights, in this process's threads. The speed page's
-per-CPU profile notes come from it.
+480x640, fp32 and bf16 (autocast on the bf16 weight copy, as the predictor runs it), random weights,
+in this process's threads. The speed page's per-CPU profile notes come from it.
 
     .venv/bin/python scripts/profile_cpu.py [--k 256] [--rows 8]
 """
@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import spd
+from spd.models.precision import low_precision_copy
 
 
 def top_ops(fn, runs: int, rows: int) -> str:
@@ -35,8 +36,10 @@ def main() -> None:
     queries = torch.rand(1, args.k, 2) * torch.tensor([639.0, 479.0])
     for dtype in ("fp32", "bf16"):
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+        if dtype == "bf16":  # as the predictor, `spd eval` and `spd bench` run bf16: weights stored in bf16 once
+            model = low_precision_copy(model)
         with torch.inference_mode(), autocast:
-            for _ in range(2):  # warm-up: kernel choices, cached low-precision weights
+            for _ in range(2):  # warm-up: kernel choices
                 features = model.encode(image)
                 model.decode(features, queries, check_values=False)
             print(f"== {dtype} encode ({args.runs} runs)")

@@ -185,3 +185,17 @@ def test_only_inference_commands_tune_the_allocator(argv, module, func, tuned):
     setting, kept_mib = out.stdout.split()[-2], int(out.stdout.split()[-1])
     assert setting == ("tuned" if tuned else "default")
     assert (kept_mib > 64) if tuned else (kept_mib < 64), kept_mib  # tuned: ~350 MiB kept
+
+
+def test_a_training_batch_that_does_not_fit_is_skipped_with_the_reason(monkeypatch):
+    """On a CPU the bench skips a training-step batch whose measured footprint (~3 GB per image) exceeds
+    the memory available, and says so, instead of running into the OOM killer."""
+    from spd.bench import train_step
+
+    monkeypatch.setattr(train_step, "available_memory_bytes", lambda: 8 * 2**30)
+    sections = train_step.training_step_sections("cpu", ["fp32"], [1, 6],
+                                                 run=lambda device, dtype, batch, repeat: {"dtype": dtype, "batch": batch})
+    assert sections[0] == {"dtype": "fp32", "batch": 1}
+    assert sections[1]["batch"] == 6 and "needs ~18 GB" in sections[1]["skipped"] and "8.0 GB available" in sections[1]["skipped"]
+    assert "skipped, needs ~18 GB" in train_step.format_training_step("fp32", sections[1])
+    assert train_step.memory_shortfall(torch.device("cuda"), 6) is None  # a GPU's memory is its own matter

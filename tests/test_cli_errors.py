@@ -256,6 +256,7 @@ def _mistake_cases(root: Path, own: Path, synth: Path, model: str) -> list[tuple
         (["train", "--config", "v15_tiny_synth", "--data-root", str(synth), "--out", str(root / "corrupt_run"),
           "--resume"], 2, "corrupted"),
         (["serve", "--model", model, "--port", "70000"], 2, "65535"),
+        (["serve", "--model", model, "--backend", "onnx", "--compile"], 2, "drop it with --backend onnx"),
         (["predict", "--backend", "onnx", "--model", str(root / "bad_manifest"), "--image", IMAGE, "--points", "1,1"], 4,
          "'height'"),
         (["export", "--model", str(root / "model96"), "--out", str(root / "a_file")], 2, "is a file"),

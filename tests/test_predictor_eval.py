@@ -175,3 +175,19 @@ def test_torch_hub_entry_point(tmp_path, tiny_model):
     images, queries = torch.randn(1, 3, 64, 96), torch.tensor([[[5.0, 6.0]]])
     with torch.no_grad():
         torch.testing.assert_close(model(images, queries), tiny_model(images, queries))
+
+
+def test_features_copied_out_of_a_cuda_graph_are_whole_and_separate(tiny_model):
+    """`copy_tensors` (what a compiled predictor on CUDA applies to the encoder's outputs, whose memory
+    the graph's next replay overwrites): every tensor copied, nothing shared, the same depths."""
+    from spd.predictor import copy_tensors
+
+    images, queries = torch.randn(1, 3, 64, 96), torch.tensor([[[3.0, 4.0], [90.0, 60.0]]])
+    with torch.inference_mode():
+        features = tiny_model.encode(images)
+        copied = copy_tensors(features)
+        assert copied.table.data_ptr() != features.table.data_ptr()
+        assert copied.seed_index.base.data_ptr() != features.seed_index.base.data_ptr()
+        assert copied.msda_values[0][0].data_ptr() != features.msda_values[0][0].data_ptr()
+        assert copied.layout == features.layout
+        torch.testing.assert_close(tiny_model.decode(copied, queries), tiny_model.decode(features, queries), rtol=0, atol=0)

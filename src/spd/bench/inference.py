@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spd.allocator import allocator_setting
 from spd.bench.machine import cpu_facts, format_machine, kernel_facts
-from spd.bench.train_step import format_training_step, median_ms, sync_device, training_step_section
+from spd.bench.train_step import format_training_step, median_ms, sync_device, training_step_sections
 from spd.errors import UserInputError
 from spd.models.baseline import DepthAnythingBaseline, baseline_input_size
 from spd.models.build import build_model
@@ -372,7 +372,7 @@ def _run_bench(height, width, ks, device, dtypes, compile, repeat, baseline_inpu
         result["onnx"] = onnx_section(built.spd_model, built.baseline, built.image, built.queries, repeat,
                                       torch.get_num_threads())
     if train_step:
-        result["training_step"] = [training_step_section(device, dtype, batch) for dtype in dtypes for batch in train_batches]
+        result["training_step"] = training_step_sections(device, dtypes, train_batches)
     _add_run_facts(result, s, ks, dtypes, compile, repeat, height, width)
     return result
 

@@ -4,6 +4,7 @@ plan's setting (416x544 crops, K = 256)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
 import warnings
@@ -99,6 +100,56 @@ def time_training_step(model, batch: dict, device: torch.device, dtype: str, rep
     return {"s_per_image": statistics.median(times) / images, "activation_mb_per_image": activation / images / 2**20}
 
 
+# Peak resident memory of one CPU training-step section per image of the batch, measured: 16.5 GB at
+# batch 6 in fp32 (v15, 416x544, K = 256, 2 threads; `/usr/bin/time -v spd bench --train-step-only
+# --train-batch 6 --dtype fp32`), i.e. ~2.8 GB per image with the models, rounded up.
+CPU_BYTES_PER_IMAGE = 3 * 2**30
+
+
+def training_step_sections(device: str, dtypes, batches, repeat: int = 3, run=None) -> list[dict]:
+    """`training_step_section` per dtype and batch, each in a fresh process (`run`, default
+    `in_fresh_process`): what one section leaves allocated (measured: ~5 GB after a batch-2 fp32
+    section on CPU, malloc_trim or not) cannot starve the next, and its memory is its own. On a CPU a
+    batch whose measured footprint exceeds the memory available is skipped, with the reason in its
+    record, rather than ending the whole bench in the OOM killer."""
+    run = run or in_fresh_process
+    sections = []
+    for dtype in dtypes:
+        for batch in batches:
+            short = memory_shortfall(torch.device(device), batch)
+            sections.append({"dtype": dtype, "batch": batch, "skipped": short} if short else run(device, dtype, batch, repeat))
+    return sections
+
+
+def in_fresh_process(device: str, dtype: str, batch: int, repeat: int) -> dict:
+    """`training_step_section` in a spawned child process (glibc's default malloc there: the inference
+    allocator setting is not for training), its record returned."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(training_step_section, (device, dtype, batch), {"repeat": repeat})
+
+
+def memory_shortfall(device: torch.device, batch: int) -> str | None:
+    """Why a CPU training step at `batch` would not fit in the memory available now (None: it fits, or
+    not a CPU, or the available memory is unknown)."""
+    available = available_memory_bytes() if device.type == "cpu" else None
+    need = CPU_BYTES_PER_IMAGE * batch
+    if available is None or available >= need:
+        return None
+    return f"needs ~{need / 2**30:.0f} GB (measured ~3 GB per image), {available / 2**30:.1f} GB available"
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def training_step_section(device: str = "cpu", dtype: str = "fp32", batch: int = 1, height: int = 416, width: int = 544,
                           k: int = 256, repeat: int = 3) -> dict:
     """Both models, one batch, the same settings: the plan's 416x544 crops with K = 256 queries."""
@@ -123,6 +174,8 @@ CHECKPOINTED = ("encoder", "ldrm")
 
 
 def format_training_step(dtype: str, section: dict) -> str:
+    if section.get("skipped"):
+        return f"training step ({dtype}, batch {section['batch']}): skipped, {section['skipped']}"
     spd, base, lean = section["spd"], section["baseline"], section.get("spd_checkpointed")
     line = (f"training step ({dtype}, {section['height']}x{section['width']}, K={section['k']}, batch {section['batch']}): "
             f"SPD {spd['s_per_image']:.3f} s/image, {spd['activation_mb_per_image']:.0f} MB activations/image; "

@@ -62,10 +62,10 @@ def _train_step_only(args: argparse.Namespace) -> int:
 
     from spd.bench.inference import write_json
     from spd.bench.machine import cpu_facts
-    from spd.bench.train_step import format_training_step, training_step_section
+    from spd.bench.train_step import format_training_step, training_step_sections
 
     dtypes = args.dtype.split(",")
-    sections = [training_step_section(args.device, dtype, batch, repeat=args.repeat) for dtype in dtypes for batch in args.train_batch]
+    sections = training_step_sections(args.device, dtypes, args.train_batch, repeat=args.repeat)
     result = {"training_step": sections, "device": args.device, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu": cpu_facts()}
     for section in sections:

@@ -17,6 +17,9 @@ def add_parser(subparsers) -> None:
     add_device(p)
     add_inference_dtype(p)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (ONNX Runtime)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch backend: compile the predictor (each image size and K bucket compiles once, on first use; "
+                        "CUDA graphs on CUDA): for a fixed camera")
     p.add_argument("--cache-mb", type=positive_float, default=512.0,
                    help="encoded images kept for image_id reuse, in MB (LRU; default 512, ~25 MB per 480x640 image)")
     p.add_argument("--cache-ttl", type=positive_float, default=600.0,
@@ -46,12 +49,14 @@ def serving_predictor(args: argparse.Namespace):
         return predictor, {"backend": "onnx", **predictor.manifest["spd_config"]}
     model = load_any_model(args.model, args.device)
     config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
-    return Predictor(model, args.device, dtype=args.dtype), {"backend": "torch", **config}
+    return Predictor(model, args.device, dtype=args.dtype, compile=args.compile), {"backend": "torch", **config}
 
 
 def run(args: argparse.Namespace) -> int:
     import socket
 
+    if args.compile and args.backend == "onnx":
+        raise UserInputError("--compile compiles the PyTorch predictor: drop it with --backend onnx")
     try:
         import uvicorn
 

@@ -33,9 +33,17 @@ def v15():
 def test_bf16_predictor_casts_within_budget_at_480x640(v15):
     """v15 at 480x640, K = 256: <= 40 conversions per encode (147 before) and <= 10 per decode (40 before):
     the weights are bf16 once, and values are written in the dtype the next matmul reads (`out=`)."""
-    predictor = spd.Predictor(v15, dtype="bf16", long_side=None)
+    from spd.models import onednn
+
+    onednn.kernel_problem.cache_clear()  # as in a fresh process: the kernel routing's probe runs again
+    predictor = spd.Predictor(v15, dtype="bf16", long_side=None)  # ... here, not in the first call
     image = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     points = np.random.default_rng(1).uniform([0, 0], [639, 479], size=(256, 2))
+    with count_casts() as first_encode:
+        features = predictor.encode(image)
+    with count_casts() as first_decode:
+        predictor.decode(features, points)
+    assert first_encode.count <= 40 and first_decode.count <= 10, (first_encode.count, first_decode.count)
     casts = predictor_casts(predictor, image, points)
     assert casts["encode"] <= 40, casts
     assert casts["decode"] <= 10, casts

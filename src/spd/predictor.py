@@ -41,6 +41,7 @@ from spd.data.transforms import normalize_image
 from spd.errors import UserInputError
 from spd.geometry.validation import validate_queries
 from spd.cameras.intrinsics import checked_intrinsics
+from spd.models.onednn import onednn_runs
 from spd.models.precision import low_precision_copy
 
 ImageLike = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W, 3) uint8 | torch.Tensor (3, H, W)
@@ -208,6 +209,9 @@ class Predictor:
         self.model = model.to(self.device).eval()
         if dtype == "bf16":
             self.model = low_precision_copy(self.model)
+        if self.device.type == "cpu":  # the CPU kernel routing (one probe call per dtype) decided now, not in a first call
+            for kernel_dtype in {torch.float32, torch.bfloat16 if dtype == "bf16" else torch.float32}:
+                onednn_runs(kernel_dtype)
         self.chunk_size = chunk_size
         self.seed = seed
         self.dtype = dtype

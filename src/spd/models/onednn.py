@@ -96,8 +96,8 @@ def kernel_problem(dtype: torch.dtype) -> str | None:
     bias = torch.randn(16, generator=generator)  # fp32 as `linear` passes it in bf16 too (see there)
     try:
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            fused = fused_linear_kernel()(x, weight, bias, "gelu", [], "none").float()
-            plain = F.gelu(F.linear(x.float(), weight.float(), bias.float()))
+            fused = _as(fused_linear_kernel()(x, weight, bias, "gelu", [], "none"), torch.float32)
+            plain = F.gelu(F.linear(_as(x, torch.float32), _as(weight, torch.float32), bias))
     except RuntimeError as err:
         return f"oneDNN's linear failed its probe ({str(err).splitlines()[0]})"
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2

@@ -28,15 +28,22 @@ def bucket_size(count: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{count} queries exceed the largest bucket {buckets[-1]}: decode them in chunks")
 
 
+def pad_queries(sets: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's (N_b, 2) query set per row -> (B, size, 2) queries and (B, size) mask, each set's
+    tail (size - N_b) masked padding at pixel 0."""
+    padded = sets[0].new_zeros(len(sets), size, 2)
+    for row, queries in enumerate(sets):
+        padded[row, : queries.shape[0]] = queries
+    counts = torch.tensor([q.shape[0] for q in sets], device=padded.device)
+    return padded, torch.arange(size, device=padded.device) < counts[:, None]
+
+
 def decode_padded(decode: Callable, features, queries: torch.Tensor, size: int) -> torch.Tensor:
     """Depth at (N, 2) already-validated queries, decoded as one call of `size` >= N queries whose
     tail is masked padding. Returns (N,)."""
-    count = queries.shape[0]
-    padded = queries.new_zeros(size, 2)
-    padded[:count] = queries
-    mask = torch.arange(size, device=queries.device) < count
+    padded, mask = pad_queries([queries], size)
     # Validated by the caller: skip the value checks (they sync with the device, and break graphs).
-    return decode(features, padded[None], mask[None], check_values=False)[0, :count]
+    return decode(features, padded, mask, check_values=False)[0, : queries.shape[0]]
 
 
 @torch.inference_mode()

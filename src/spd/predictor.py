@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 
 from spd.cameras.canonical import canonical_focal_of, prediction_to_metric
 from spd.cameras.scale import long_side_of, scaled_size, to_model_pixels
-from spd.chunked import K_BUCKETS, bucket_size, decode_in_chunks
+from spd.chunked import K_BUCKETS, bucket_size, decode_in_chunks, pad_queries
 from spd.data.io import read_rgb
 from spd.data.transforms import normalize_image
 from spd.errors import UserInputError
@@ -139,6 +139,18 @@ def copy_tensors(value):
     return value
 
 
+def compiled_encode_decode(model: torch.nn.Module, device: torch.device) -> tuple:
+    """(encode, decode) of `model` as `Predictor(compile=True)` runs them (and `spd bench --compile`
+    times them): fullgraph, static shapes (one graph per image size and per K), CUDA graphs on CUDA,
+    where the encoder's outputs are copied out: its next replay overwrites their memory."""
+    mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+    encode = torch.compile(model.encode, fullgraph=True, dynamic=False, mode=mode)
+    decode = torch.compile(model.decode, fullgraph=True, dynamic=False, mode=mode)
+    if device.type == "cuda":
+        return (lambda images: copy_tensors(encode(images))), decode
+    return encode, decode
+
+
 def _normalised(rgb: np.ndarray) -> torch.Tensor:
     """(h, w, 3) uint8 -> (3, h, w) float32, ImageNet-normalised."""
     return normalize_image(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
@@ -215,13 +227,8 @@ class Predictor:
         self.chunk_size = chunk_size
         self.seed = seed
         self.dtype = dtype
-        self._encode, self._decode = self.model.encode, self.model.decode
-        # CUDA graphs replay into the same output memory: features a caller keeps must be copied out.
-        self._graph_outputs = compile and self.device.type == "cuda"
-        if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # reduce-overhead = CUDA graphs
-            self._encode = torch.compile(self.model.encode, fullgraph=True, dynamic=False, mode=mode)
-            self._decode = torch.compile(self.model.decode, fullgraph=True, dynamic=False, mode=mode)
+        self._encode, self._decode = (compiled_encode_decode(self.model, self.device) if compile
+                                      else (self.model.encode, self.model.decode))
         if buckets is None and compile:
             buckets = tuple(b for b in K_BUCKETS if b < chunk_size) + (chunk_size,)
         self.buckets = buckets
@@ -271,8 +278,7 @@ class Predictor:
     def _encode_tensor(self, tensor: torch.Tensor):
         """(B, 3, h, w) normalised -> the model's features."""
         with self._autocast():
-            features = self._encode(on_device(tensor, self.device))
-        return copy_tensors(features) if self._graph_outputs else features
+            return self._encode(on_device(tensor, self.device))
 
     @torch.inference_mode()
     def decode(self, features: ImageFeatures, points, intrinsics: Sequence[float] | None = None) -> np.ndarray:
@@ -337,11 +343,7 @@ class Predictor:
         counts = [q.shape[0] for q in queries]
         if max(counts) == 0:
             return [np.zeros(0, np.float32) for _ in queries]
-        size = bucket_size(max(counts), self.buckets) if self.buckets else max(counts)
-        padded = torch.zeros(len(queries), size, 2, device=self.device)
-        mask = torch.zeros(len(queries), size, dtype=torch.bool, device=self.device)
-        for row, (points, count) in enumerate(zip(queries, counts)):
-            padded[row, :count], mask[row, :count] = points, True
+        padded, mask = pad_queries(queries, bucket_size(max(counts), self.buckets) if self.buckets else max(counts))
         with self._autocast():
             depth = _to_numpy(self._decode(features, padded, mask, check_values=False))
         return [depth[row, :count] for row, count in enumerate(counts)]

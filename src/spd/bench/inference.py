@@ -29,6 +29,7 @@ from spd.models.build import build_model
 from spd.models.onednn import linear as onednn_linear
 from spd.models.onednn import fused_linear_kernel, kernel_problem, onednn_available, onednn_runs, register_flop_formula
 from spd.models.precision import low_precision_copy
+from spd.predictor import Predictor, compiled_encode_decode
 
 
 def split_spd(encode, decode, image: torch.Tensor, queries: torch.Tensor, device: torch.device) -> tuple[float, float]:
@@ -121,25 +122,11 @@ class BenchSetup:
     base_decode: object
 
 
-def compiled_pair(model, device: torch.device) -> tuple:
-    """(encode, decode) of `model` as `Predictor(compile=True)` runs them: fullgraph, static shapes (one
-    graph per image size and per K), CUDA graphs on CUDA, where the encoder's outputs are copied out
-    (its next replay overwrites them) as the predictor copies them."""
-    from spd.predictor import copy_tensors
-
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    encode = torch.compile(model.encode, fullgraph=True, dynamic=False, mode=mode)
-    decode = torch.compile(model.decode, fullgraph=True, dynamic=False, mode=mode)
-    if device.type == "cuda":
-        return (lambda images: copy_tensors(encode(images))), decode
-    return encode, decode
-
-
 def model_callables(spd_model, baseline, device: torch.device, compile: bool) -> dict:
     """encode / decode / base_encode / base_decode of both models, eager or both compiled end to end.
     The queries are valid by construction: decode as the predictor does after its one validation."""
-    encode, decode = compiled_pair(spd_model, device) if compile else (spd_model.encode, spd_model.decode)
-    base_encode, base_decode = compiled_pair(baseline, device) if compile else (baseline.encode, baseline.decode)
+    encode, decode = compiled_encode_decode(spd_model, device) if compile else (spd_model.encode, spd_model.decode)
+    base_encode, base_decode = compiled_encode_decode(baseline, device) if compile else (baseline.encode, baseline.decode)
     return dict(encode=encode, decode=lambda features, queries: decode(features, queries, check_values=False),
                 base_encode=base_encode, base_decode=lambda features, queries: base_decode(features, queries, check_values=False))
 
@@ -236,8 +223,7 @@ def _kineto_quiet():
 
 def time_compiled_decode(s: BenchSetup, ks: tuple[int, ...], repeat: int) -> dict[str, float]:
     """decode(K) through `torch.compile(fullgraph=True)`, one static graph per K (CUDA graphs on CUDA)."""
-    mode = "reduce-overhead" if s.device.type == "cuda" else None
-    compiled = torch.compile(s.spd_model.decode, fullgraph=True, dynamic=False, mode=mode)
+    compiled = compiled_encode_decode(s.spd_model, s.device)[1]
     features = s.encode(s.image)
     out = {}
     for k in ks:
@@ -294,7 +280,6 @@ def cast_counts(s: BenchSetup, dtypes: tuple[str, ...], k: int) -> dict[str, dic
     """Dtype conversions of one `Predictor` encode and decode(K) per dtype (`spd.bench.casts`: on a GPU
     each is a kernel launch), on the bench's image size, eager."""
     from spd.bench.casts import predictor_casts
-    from spd.predictor import Predictor
 
     height, width = s.image.shape[-2:]
     image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
@@ -324,7 +309,7 @@ def run_bench(
 ) -> dict:
     """Every figure of `spd bench`. The first dtype gives the main rows; each further dtype (bf16)
     its own rows and its total-time ratio to the first, measured in the same run in alternation
-    (`paired_total_ratio`). `compile`: both models compiled end to end (`compiled_pair`)."""
+    (`paired_total_ratio`). `compile`: both models compiled end to end (`compiled_encode_decode`)."""
     # Compiled: one graph per K and batch size; dynamo's default limit (8 per function) would fall back to eager.
     limit = torch._dynamo.config.patch(recompile_limit=64) if compile else nullcontext()
     with limit:

@@ -24,7 +24,7 @@ from spd.config.model import check_ldrm_patch
 from spd.geometry.windows import gather_windows
 from spd.models.onednn import linear
 from spd.models.precision import low_precision_buffers
-from spd.models.rows import LevelIndex
+from spd.models.rows import LevelIndex, exporting_ops
 
 L1_STRIDE = 4
 
@@ -50,6 +50,10 @@ class LocalRefinement(nn.Module):
         steps = torch.arange(5.0)
         self.register_buffer("window_cells", torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1), persistent=False)
         self.register_buffer("axis_code", torch.tensor([1.0, 2.0]), persistent=False)
+        # The centre 4x4 of the 6x6 up_14 window, as positions of its 36 (row-major): exported graphs
+        # take it with one Gather (ONNX Runtime's two strided Slices cost ~4x more at K = 4096).
+        self.register_buffer("centre_cells", torch.tensor([6 * y + x for y in range(1, 5) for x in range(1, 5)]),
+                             persistent=False)
         # The two upsampling matrices meet the row table's values in matmuls: a bf16 predictor stores
         # them in bf16 once (exact: every entry is a multiple of 1/16).
         low_precision_buffers(self, "windows_14", "windows_28")
@@ -144,7 +148,10 @@ class LocalRefinement(nn.Module):
         feat_14 = F.gelu(F.conv2d(up_14.permute(0, 3, 1, 2), self.conv_mid.weight, self.conv_mid.bias))  # 6 -> 4
         # The 1x1 residual as one (16N, C) matmul: a strided 4-D input would make F.linear broadcast
         # its weight into a batched matmul (a (4N, C, mid) copy of the weight under bf16 autocast).
-        centre = up_14[:, 1:-1, 1:-1].reshape(n * 16, -1)
+        if exporting_ops():
+            centre = up_14.view(n, 36, -1).index_select(1, self.centre_cells).view(n * 16, -1)
+        else:
+            centre = up_14[:, 1:-1, 1:-1].reshape(n * 16, -1)
         residual = linear(centre, self.conv_residual.weight.flatten(1), self.conv_residual.bias).view(n, 4, 4, -1)
         feat_14 = feat_14.permute(0, 2, 3, 1) + residual  # (N, 4, 4, mid): feat_14[2c-1+s : 2c+3+s]
         windows_28 = self.windows_28.index_select(0, start)

@@ -29,7 +29,7 @@ from spd.models.neck import CoarseProjection, L4SelfAttention, Neck
 from spd.models.optim_groups import encoder_decoder_param_groups
 from spd.models.paths import InferencePaths
 from spd.models.onednn import compute_dtype
-from spd.models.rows import (RowLayout, build_row_table, cat_in, dense_canvas_splat, exporting_ops, level_index,
+from spd.models.rows import (RowLayout, build_row_table, cat_in, canvas_write_forms, exporting_ops, level_index,
                              map_view, query_rows)
 from spd.models.seed import QuerySeed
 from spd.models.splat import make_splat_plan
@@ -273,8 +273,8 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
         shifted = RowLayout(features.layout.sizes[1:4], tuple(o - start for o in features.layout.offsets[1:4]),
                             features.layout.batch)
         views = [map_view(canvas, shifted, i) for i in range(3)]
-        if exporting_ops() and grid.shape[0] == 1:  # exported graphs: the canvas write as one MatMul per layer
-            plan.canvas_splat = dense_canvas_splat(plan.cells, mask, shifted.sizes, canvas.dtype)
+        if exporting_ops() and grid.shape[0] == 1:  # exported graphs: the canvas write scatters no rows
+            plan.canvas_write = canvas_write_forms(plan.canvas_rows, plan.soft_beta, stop - start)
         memories = [*((features.table, index) for index in features.msda_index), *features.global_kv]
         for layer, memory in zip([*self.msda_layers, *self.global_layers], memories, strict=True):
             h = layer.forward_rows(h, plan, canvas, views, mask, memory)

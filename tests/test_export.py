@@ -103,8 +103,8 @@ def test_exported_forms_agree_with_the_eager_ones_and_leave_no_buffer_copies(exp
 
 
 def test_ort_profile_sums_node_time_per_op_type_after_the_warm_up_run(exported):
-    """`spd bench --backend onnx`'s profile: the warm-up run's events are left out, the rest summed per
-    op type and divided by the runs; a real graph's times come back largest first."""
+    """`spd bench --backend onnx`'s profile: the warm-up run's events and control-flow nodes are left out,
+    the rest summed per op type and divided by the runs; a real graph's times come back largest first."""
     import onnxruntime as ort
 
     from spd.bench.onnx_profile import _sum_by_op_type, op_type_times, top_ops
@@ -115,6 +115,7 @@ def test_ort_profile_sums_node_time_per_op_type_after_the_warm_up_run(exported):
 
     events = [{"name": "model_run", "ts": 0, "dur": 100}, node("Conv", 10, 5000), node("Conv", 150, 3000),
               {"name": "model_run", "ts": 120, "dur": 100}, node("Conv", 250, 1000), node("MatMul", 260, 4000),
+              node("If", 255, 4500),  # spans the MatMul it runs: its own time would count that twice
               {"name": "model_run", "ts": 240, "dur": 100}]
     assert _sum_by_op_type(events, runs=2) == {"MatMul": 2.0, "Conv": 2.0}
     times = op_type_times(ort, exported[1] / "encoder.onnx", session_options(ort, 1),

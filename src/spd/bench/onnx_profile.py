@@ -31,15 +31,19 @@ def op_type_times(ort, graph: Path, options, feeds: dict, runs: int = 5) -> dict
     return _sum_by_op_type(events, runs)
 
 
+CONTROL_FLOW = ("If", "Loop", "Scan")  # their time is their subgraphs' nodes, which have events of their own
+
+
 def _sum_by_op_type(events: list[dict], runs: int) -> dict[str, float]:
-    """Node kernel times after the first `model_run` event, summed per op type, in ms per run."""
+    """Node kernel times after the first `model_run` event, summed per op type, in ms per run
+    (control-flow nodes left out: counting them would count their subgraphs' nodes twice)."""
     model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     warm_end = model_runs[0]["ts"] + model_runs[0]["dur"] if model_runs else 0
     totals: dict[str, float] = defaultdict(float)
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
-        if event["ts"] < warm_end:
+        if event["ts"] < warm_end or event["args"]["op_name"] in CONTROL_FLOW:
             continue
         totals[event["args"]["op_name"]] += event["dur"] / 1000.0 / runs
     return dict(sorted(totals.items(), key=lambda item: -item[1]))

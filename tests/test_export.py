@@ -125,6 +125,17 @@ def test_ort_profile_sums_node_time_per_op_type_after_the_warm_up_run(exported):
     assert sum(share for _, _, share in top_ops(times, n=len(times))) == pytest.approx(1.0, abs=0.01)
 
 
+def test_onnx_sessions_sleep_between_runs_instead_of_spinning():
+    """ORT's default keeps its worker threads spinning after a run, busy cores that slowed PyTorch by
+    ~10 % in the bench's paired rounds; every SPD and baseline session turns it off, and says so."""
+    import onnxruntime as ort
+
+    from spd.export.runtime import describe_session_options, session_options
+
+    described = describe_session_options(session_options(ort, 2))
+    assert described["intra_op_allow_spinning"] == "0" and described["intra_op_num_threads"] == 2
+
+
 def _adds(node) -> bool:
     """GridSample and Loop always count; ScatterND only with reduction add (the racy one)."""
     if node.op_type != "ScatterND":

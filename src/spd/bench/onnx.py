@@ -119,8 +119,9 @@ def format_onnx(section: dict, torch_result: dict) -> list[str]:
         if torch_total:
             versus = f", PyTorch eager total {torch_total:.1f} ms (ORT/PyTorch {spd['total_ms'][k] / torch_total:.2f}"
             if "ratio_to_pytorch" in section:
-                # Paired rounds alternate the runtimes, whose thread pools then compete (ORT's threads spin
-                # on after a run); the sections' ratio takes the machine's drift instead. Both are shown.
+                # Paired rounds alternate the runtimes in one process (ORT's threads sleep between runs,
+                # `session_options`, so neither slows the other); the sections' ratio takes the machine's
+                # drift between sections instead. Both are shown.
                 versus += f"; {section['ratio_to_pytorch'][k]:.2f} in paired rounds"
             versus += ")"
         lines.append(f"  K={k:>5}: decode {spd['decode_ms'][k]:.1f} ms, total {spd['total_ms'][k]:.1f} ms, "

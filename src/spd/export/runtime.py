@@ -150,21 +150,29 @@ class OnnxPredictor(Predictor):
         return torch.from_numpy(self._decoder.run(None, feed)[0])
 
 
+SPIN_ENTRY = "session.intra_op.allow_spinning"
+
+
 def session_options(ort, threads: int = 0):
     """The ONNX Runtime session options every SPD graph and the benchmarked baseline run with (one
     place, so that a setting that helps one model is used for both): all graph optimisations (ORT's
-    default, stated), `threads` intra-op threads (0 = ORT's choice), errors-only logging."""
+    default, stated), `threads` intra-op threads (0 = ORT's choice), errors-only logging, and worker
+    threads that sleep between runs instead of spinning (ORT's default spins, keeping cores busy after
+    each run: on the 2-core Intel Xeon it made SPD's encode + decode(256) no faster, 350 vs 327 ms
+    without, and slowed whatever ran next on the machine by ~10 %, `docs/deployment.md`)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only
+    options.add_session_config_entry(SPIN_ENTRY, "0")
     return options
 
 
 def describe_session_options(options) -> dict:
     """What `spd bench --backend onnx` reports as the options that ran."""
     return {"graph_optimization_level": str(options.graph_optimization_level).rsplit(".", 1)[-1],
-            "intra_op_num_threads": options.intra_op_num_threads, "execution_mode": str(options.execution_mode).rsplit(".", 1)[-1]}
+            "intra_op_num_threads": options.intra_op_num_threads, "execution_mode": str(options.execution_mode).rsplit(".", 1)[-1],
+            "intra_op_allow_spinning": options.get_session_config_entry(SPIN_ENTRY)}
 
 
 def import_onnxruntime():

@@ -97,12 +97,13 @@ def test_canvas_rows_path_matches_reference_write_cascade_smooth_read():
 
 @pytest.mark.parametrize("num_queries", [1, 3000])
 def test_exported_canvas_write_forms_equal_index_add_with_shared_cells_and_a_large_offset(num_queries):
-    """The exported graphs' canvas write (a MatMul below `PREFIX_WRITE_FROM_K` queries, prefix sums in
-    row order from there; both forms at both sizes) == `index_add_` of the same contributions, where
-    most queries share a few cells and every value carries a large common offset: a float32 prefix
-    sum would lose the rows' sums there (its error grows with the prefix)."""
-    from spd.models.rows import (PREFIX_WRITE_FROM_K, add_rows, canvas_write_forms, exported_canvas_sum,
-                                 matmul_canvas_sum, prefix_canvas_sum)
+    """The exported graphs' canvas write (a MatMul below `PREFIX_WRITE_FROM_K` queries, blocked prefix
+    sums in row order from there; both forms at both sizes) == the exact (float64) sum of the same
+    contributions, where most queries share a few cells and every value carries a large common offset:
+    a float32 prefix over all contributions would lose the rows' sums there (its error grows with the
+    prefix), the blocked one is as close as PyTorch's own float32 `index_add_`."""
+    from spd.models.rows import (PREFIX_WRITE_FROM_K, add_rows, blocked_prefix_canvas_sum, canvas_write_forms,
+                                 exported_canvas_sum, matmul_canvas_sum)
 
     generator = torch.Generator().manual_seed(0)
     canvas_size, width = 500, 16
@@ -114,16 +115,21 @@ def test_exported_canvas_write_forms_equal_index_add_with_shared_cells_and_a_lar
     contributions = (written.double()[:, None, None, :] * soft_beta[0].double()).reshape(-1, width)
     exact = add_rows(torch.zeros(canvas_size, width, dtype=torch.float64), canvas_rows, contributions)
     forms = canvas_write_forms(canvas_rows, soft_beta, canvas_size)
-    prefix = prefix_canvas_sum(forms.query, forms.weight, forms.through, forms.before, written)
+    prefix = blocked_prefix_canvas_sum(forms.query, forms.weight, forms.through, forms.before, written)
     matmul = matmul_canvas_sum(forms.rows, forms.weights, canvas_size, written)
     chosen = exported_canvas_sum(forms, written)
     torch.testing.assert_close(chosen, prefix if num_queries >= PREFIX_WRITE_FROM_K else matmul, rtol=0, atol=0)
+    index_add_error = (add_rows(torch.zeros(canvas_size, width), canvas_rows, contributions.float()).double() - exact).abs()
     for got in (prefix, matmul):
         assert got.dtype == torch.float32 and got.shape == (canvas_size, width)
         torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-3)
+        assert (got.double() - exact).abs().max() <= 2 * index_add_error.max() + 1e-3
         assert (got[exact.abs().sum(1) == 0] == 0).all()  # rows nobody writes stay exactly zero
+    for block in (1, 7, 64):  # any block size, also one that does not divide the contributions
+        other = blocked_prefix_canvas_sum(forms.query, forms.weight, forms.through, forms.before, written, block)
+        assert (other.double() - exact).abs().max() <= 2 * index_add_error.max() + 1e-3
     if num_queries > 1:
-        float32_prefix = (written[forms.query] * forms.weight[:, None].float()).cumsum(0)
+        float32_prefix = (written[forms.query] * forms.weight[:, None]).cumsum(0)
         float32_sums = float32_prefix[forms.through] - float32_prefix[forms.before]
         assert (float32_sums.double() - exact).abs().max() > 1e-1  # why float64
 

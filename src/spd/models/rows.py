@@ -314,7 +314,7 @@ class CanvasWriteForms:
         rows, weights (M,): each contribution's canvas row and float32 weight, in query order (query
             m // 12): the (R x K) matrix of the MatMul form;
         query, weight (M + 1,): the same contributions sorted by canvas row, after a leading
-            zero-weight entry (the prefix sums' 0), weights in float64: the prefix form;
+            zero-weight entry (the prefix sums' 0): the prefix form;
         through, before (R,): the number of sorted contributions to rows up to and including / before
             each row."""
 
@@ -333,7 +333,7 @@ def canvas_write_forms(canvas_rows: torch.Tensor, soft_beta: torch.Tensor, canva
     weights = soft_beta.reshape(-1)
     order = torch.argsort(canvas_rows)
     query = torch.cat([order.new_zeros(1), order // corners])
-    weight = torch.cat([weights.new_zeros(1, dtype=torch.float64), weights.double()[order]])
+    weight = torch.cat([weights.new_zeros(1), weights[order]])
     counts = add_rows(torch.zeros(canvas_size, dtype=order.dtype, device=order.device), canvas_rows, torch.ones_like(order))
     through = counts.cumsum(0)
     return CanvasWriteForms(canvas_rows, weights, query, weight, through, through - counts)
@@ -342,7 +342,7 @@ def canvas_write_forms(canvas_rows: torch.Tensor, soft_beta: torch.Tensor, canva
 def exported_canvas_sum(forms: CanvasWriteForms, written: torch.Tensor) -> torch.Tensor:
     """One layer's canvas write for exported graphs, per canvas row the sum of weight * written[query]
     over its contributions, in the form ONNX Runtime runs fastest at this K: `matmul_canvas_sum` below
-    PREFIX_WRITE_FROM_K queries, `prefix_canvas_sum` from there (an ONNX If on the symbolic K).
+    PREFIX_WRITE_FROM_K queries, `blocked_prefix_canvas_sum` from there (an ONNX If on the symbolic K).
     Neither scatters rows with duplicate indices, which ONNX Runtime's `ScatterND` add sums wrongly.
 
     Shape: written (K, d) -> (R, d) in written's dtype."""
@@ -357,7 +357,7 @@ def _matmul_branch(written, rows, weights, query, weight, through, before):
 
 
 def _prefix_branch(written, rows, weights, query, weight, through, before):
-    return prefix_canvas_sum(query, weight, through, before, written)
+    return blocked_prefix_canvas_sum(query, weight, through, before, written)
 
 
 def matmul_canvas_sum(rows: torch.Tensor, weights: torch.Tensor, canvas_size: int, written: torch.Tensor) -> torch.Tensor:
@@ -371,14 +371,31 @@ def matmul_canvas_sum(rows: torch.Tensor, weights: torch.Tensor, canvas_size: in
     return torch.matmul(matrix.view(canvas_size, num_queries), written)
 
 
-def prefix_canvas_sum(query: torch.Tensor, weight: torch.Tensor, through: torch.Tensor, before: torch.Tensor,
-                      written: torch.Tensor) -> torch.Tensor:
+PREFIX_BLOCK = 32  # contributions per block of `blocked_prefix_canvas_sum`
+
+
+def blocked_prefix_canvas_sum(query: torch.Tensor, weight: torch.Tensor, through: torch.Tensor, before: torch.Tensor,
+                              written: torch.Tensor, block: int = PREFIX_BLOCK) -> torch.Tensor:
     """The canvas write as prefix sums over the contributions in row order (`CanvasWriteForms`), read
-    at each row's end and start and differenced: a gather, a product, a cumulative sum and two gathers,
-    O(M d + R d) where the MatMul is O(R K d). The sums run in float64, so that the difference of two
-    long prefix sums keeps a float32 row sum's precision (in float32 it would not: the prefix grows
-    with K). On ONNX Runtime 2.2x faster than the MatMul at K = 4096, and ~5x faster than its exact
-    scatter (`ScatterElements` add) (measured; `spd bench --backend onnx`). -> (R, d)."""
-    contributions = written.double().index_select(0, query) * weight[:, None]
-    prefix = contributions.cumsum(0)
-    return (prefix.index_select(0, through) - prefix.index_select(0, before)).to(written.dtype)
+    at each row's end and start and differenced: O(M d + R d) where the MatMul is O(R K d). A float32
+    prefix over all M contributions would lose the rows' sums (its rounding grows with the prefix), so
+    the prefix runs in blocks of `block` sorted contributions: within a block a float32 prefix by one
+    batched MatMul with a lower-triangular matrix of the block's weights (at most `block` terms), across
+    blocks a float64 prefix of the block totals only ((M / block, d), not a float64 copy of all M).
+    Its error is that of a float32 `index_add_` of the same contributions or smaller (tested). On ONNX
+    Runtime at K = 4096 ~2.7x faster than the MatMul and ~1.7x faster than a float64 prefix over all M
+    (measured: docs/deployment.md). weight (M + 1,) in written's dtype; written (K, d) -> (R, d).
+
+    Padding to a multiple of `block` appends zero-weight entries (they add nothing)."""
+    entries, width = query.shape[0], written.shape[1]
+    padding = (-entries) % block
+    query = torch.cat([query, query.new_zeros(padding)])  # zero weight: adds nothing
+    weight = torch.cat([weight, weight.new_zeros(padding)])
+    blocks = (entries + padding) // block
+    lower = torch.ones(block, block, dtype=written.dtype, device=written.device).tril()
+    in_block = torch.matmul(lower * weight.view(blocks, 1, block), written.index_select(0, query).view(blocks, block, width))
+    in_block = in_block.view(-1, width)  # (blocks * block, d): the prefix within each block, inclusive
+    totals = in_block[block - 1 :: block].double()  # (blocks, d)
+    offsets = torch.cat([totals.new_zeros(1, width), totals.cumsum(0)[:-1]])  # before each block, float64
+    between_blocks = offsets.index_select(0, through // block) - offsets.index_select(0, before // block)
+    return between_blocks.to(written.dtype) + (in_block.index_select(0, through) - in_block.index_select(0, before))

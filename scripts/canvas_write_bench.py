@@ -1,0 +1,103 @@
+"""The exported canvas write's forms alone on ONNX Runtime: each form's graph (the forms made once from
+random queries, then five layer writes, 6300 canvas rows x d = 192, v15's canvas at 480x640) timed
+alternately in one process at each K, with the largest difference from the first form relative to its
+largest value.
+
+    python scripts/canvas_write_bench.py [--forms matmul,float64,blocked32] [--k 1,256,512,1024,4096]
+
+Forms: `matmul` (`matmul_canvas_sum`), `float64` (a float64 prefix over all contributions, the form of
+commit 0424626, kept here to compare against), `blockedN` (`blocked_prefix_canvas_sum` in blocks of N).
+Two intra-op threads, the bench's session options; median ms of 7 runs after 2 warm-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spd.models import rows as R
+
+CANVAS_ROWS, WIDTH, LAYERS = 6300, 192, 5
+
+
+def float64_prefix_canvas_sum(forms: R.CanvasWriteForms, written: torch.Tensor) -> torch.Tensor:
+    """Prefix sums over all M contributions in float64: (M, d) float64 product and cumulative sum."""
+    contributions = written.double().index_select(0, forms.query) * forms.weight.double()[:, None]
+    prefix = contributions.cumsum(0)
+    return (prefix.index_select(0, forms.through) - prefix.index_select(0, forms.before)).to(written.dtype)
+
+
+class CanvasWrites(torch.nn.Module):
+    """(canvas_rows (K * 12,), soft_beta (1, K, 3, 4, 1), written (K, d)) -> the sum of five layer writes (R, d)."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, canvas_rows, soft_beta, written):
+        forms = R.canvas_write_forms(canvas_rows, soft_beta, CANVAS_ROWS)
+        total = written.new_zeros(CANVAS_ROWS, WIDTH)
+        for layer in range(LAYERS):
+            layer_written = written * (1.0 + layer)
+            if self.form == "matmul":
+                total = total + R.matmul_canvas_sum(forms.rows, forms.weights, CANVAS_ROWS, layer_written)
+            elif self.form == "float64":
+                total = total + float64_prefix_canvas_sum(forms, layer_written)
+            else:
+                block = int(self.form.removeprefix("blocked"))
+                total = total + R.blocked_prefix_canvas_sum(forms.query, forms.weight, forms.through, forms.before,
+                                                            layer_written, block)
+        return total
+
+
+def random_inputs(num_queries: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    return (torch.randint(0, CANVAS_ROWS, (num_queries * 12,), generator=generator),
+            torch.rand(1, num_queries, 3, 4, 1, generator=generator), torch.randn(num_queries, WIDTH, generator=generator))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forms", default="matmul,float64,blocked32")
+    parser.add_argument("--k", default="1,256,512,1024,4096")
+    args = parser.parse_args()
+    import onnxruntime as ort
+
+    from spd.export.runtime import session_options
+
+    forms, ks = args.forms.split(","), [int(k) for k in args.k.split(",")]
+    generator = torch.Generator().manual_seed(0)
+    dims = ({0: torch.export.Dim("contributions")}, {1: torch.export.Dim("k")}, {0: torch.export.Dim("k_written")})
+    sessions = {}
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for form in forms:
+            path = str(Path(folder) / f"{form}.onnx")
+            torch.onnx.export(CanvasWrites(form), random_inputs(64, generator), path, dynamo=True,
+                              dynamic_shapes=dims, verbose=False)
+            sessions[form] = ort.InferenceSession(path, session_options(ort, 2), providers=["CPUExecutionProvider"])
+    names = [node.name for node in sessions[forms[0]].get_inputs()]
+    print("canvas write ms (median of 7, forms alternating): K, " + ", ".join(forms))
+    for k in ks:
+        feed = dict(zip(names, (t.numpy() for t in random_inputs(k, generator))))
+        times: dict[str, list[float]] = {form: [] for form in forms}
+        outputs = {}
+        for _ in range(9):
+            for form in forms:
+                start = time.perf_counter()
+                outputs[form] = sessions[form].run(None, feed)[0]
+                times[form].append((time.perf_counter() - start) * 1e3)
+        first = outputs[forms[0]]
+        difference = max(float(np.abs(outputs[form] - first).max() / np.abs(first).max()) for form in forms)
+        print(f"{k:6d}" + "".join(f"{statistics.median(times[form][2:]):10.1f}" for form in forms)
+              + f"   differ by {difference:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,10 +3,12 @@ random queries, then five layer writes, 6300 canvas rows x d = 192, v15's canvas
 alternately in one process at each K, with the largest difference from the first form relative to its
 largest value.
 
-    python scripts/canvas_write_bench.py [--forms matmul,float64,blocked32] [--k 1,256,512,1024,4096]
+    python scripts/canvas_write_bench.py [--forms matmul,touched,blocked32,float64] [--k 1,256,512,1024,4096]
 
-Forms: `matmul` (`matmul_canvas_sum`), `float64` (a float64 prefix over all contributions, the form of
-commit 0424626, kept here to compare against), `blockedN` (`blocked_prefix_canvas_sum` in blocks of N).
+Forms: `touched` (`touched_rows_canvas_write`, the exported form below K = 512), `blockedN`
+(`blocked_prefix_canvas_sum` in blocks of N, the form from there), and two earlier forms kept here to
+compare against: `matmul` (one MatMul per layer, below K = 512 until the touched-rows form) and
+`float64` (a float64 prefix over all contributions, from K = 512 in commit 0424626).
 Two intra-op threads, the bench's session options; median ms of 7 runs after 2 warm-ups.
 """
 
@@ -25,6 +27,17 @@ import torch
 from spd.models import rows as R
 
 CANVAS_ROWS, WIDTH, LAYERS = 6300, 192, 5
+
+
+def matmul_canvas_sum(canvas_rows: torch.Tensor, weights: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+    """The MatMul form (commits 214a089 to 6f0f41b below K = 512): S @ written with S[r, q] the sum of
+    query q's weights at row r, S built by a 1-D scatter of the M weights into zeros, its (R x K)
+    arithmetic mostly on zeros. canvas_rows, weights (M,) in query order, written (K, d) -> (R, d)."""
+    num_queries = written.shape[0]
+    corners = canvas_rows.shape[0] // num_queries
+    entry = canvas_rows * num_queries + torch.arange(canvas_rows.shape[0]) // corners
+    matrix = R.add_rows(weights.new_zeros(CANVAS_ROWS * num_queries), entry, weights)
+    return torch.matmul(matrix.view(CANVAS_ROWS, num_queries), written)
 
 
 def float64_prefix_canvas_sum(forms: R.CanvasWriteForms, written: torch.Tensor) -> torch.Tensor:
@@ -47,7 +60,9 @@ class CanvasWrites(torch.nn.Module):
         for layer in range(LAYERS):
             layer_written = written * (1.0 + layer)
             if self.form == "matmul":
-                total = total + R.matmul_canvas_sum(forms.rows, forms.weights, CANVAS_ROWS, layer_written)
+                total = total + matmul_canvas_sum(canvas_rows, soft_beta.reshape(-1), layer_written)
+            elif self.form == "touched":
+                total = R.touched_rows_canvas_write(total, forms, layer_written)
             elif self.form == "float64":
                 total = total + float64_prefix_canvas_sum(forms, layer_written)
             else:
@@ -64,7 +79,7 @@ def random_inputs(num_queries: int, generator: torch.Generator) -> tuple[torch.T
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--forms", default="matmul,float64,blocked32")
+    parser.add_argument("--forms", default="matmul,touched,blocked32,float64")
     parser.add_argument("--k", default="1,256,512,1024,4096")
     args = parser.parse_args()
     import onnxruntime as ort

@@ -46,16 +46,19 @@ def test_onnx_runtime_matches_pytorch_on_real_frames(exported, tiny_model):
     assert worst <= 1e-4, worst
 
 
-def test_one_decoder_call_takes_any_k(exported, tiny_model):
-    """The raw decoder graph, K = 1000 in one call (no chunks), twice: same as PyTorch, same each run
-    (ONNX Runtime's ScatterND-add races on duplicate indices; the export uses ScatterElements)."""
+@pytest.mark.parametrize("num_queries", [300, 1000])
+def test_one_decoder_call_takes_any_k(exported, tiny_model, num_queries):
+    """The raw decoder graph, K queries in one call (no chunks; both forms of the canvas write), twice:
+    same as PyTorch, same each run (ONNX Runtime's ScatterND add races on duplicate indices; the
+    export writes whole row sums without reduction, or reads prefix sums at every row)."""
     import torch
 
     predictor = spd.OnnxPredictor(exported[1])
     image = torch.randn(1, 3, 480, 640)
     features = predictor._encode_tensor(image)
-    queries = torch.rand(1, 1000, 2) * torch.tensor([639.0, 479.0])
-    mask = torch.ones(1, 1000, dtype=torch.bool)
+    queries = torch.rand(1, num_queries, 2) * torch.tensor([639.0, 479.0])
+    queries[0, : num_queries // 2] = queries[0, :1] + torch.rand(num_queries // 2, 2)  # half share a few cells
+    mask = torch.ones(1, num_queries, dtype=torch.bool)
     first, second = predictor._run_decoder(features, queries, mask), predictor._run_decoder(features, queries, mask)
     with torch.no_grad():
         want = tiny_model.decode(tiny_model.encode(image), queries, mask)
@@ -69,16 +72,17 @@ def test_decoder_k_is_symbolic_in_the_saved_graph(exported):
     assert inputs["queries"][1].dim_param and not inputs["queries"][1].dim_value
     assert inputs["mask"][1].dim_param == inputs["queries"][1].dim_param
     assert inputs["table"][0].dim_value > 0  # the image-size part is fixed
-    assert not any(node.op_type in ("GridSample", "Loop", "ScatterND") and _adds(node) for node in graph.node)
+    assert not any(node.op_type in ("GridSample", "Loop", "ScatterND") and _adds(node) for node in _all_nodes(graph))
 
 
 def test_exported_forms_agree_with_the_eager_ones_and_leave_no_buffer_copies(exported, tiny_model, monkeypatch):
     """Issue 27's exported forms, run eagerly, against the forms PyTorch runs: the canvas cascade that
     writes the whole buffer once (under `export_ops`) and GRN's sum of squares as a MatMul with ones
-    (when exporting). The saved decoder has no ScatterND at all (the in-place form's buffer copies,
-    and ONNX Runtime's racy duplicate-index add): outside the canvas write's If (a MatMul below 512
-    queries, prefix sums from there), its only scatters are the 1-D ScatterElements adds of the
-    canvas's per-cell weights and counts."""
+    (when exporting). The saved decoder has no ScatterND add (ONNX Runtime's racy duplicate-index add)
+    and no ScatterND buffer copies of the in-place form: outside the canvas write's If (touched rows
+    below 512 queries, prefix sums over all rows from there), its only scatters are the 1-D
+    ScatterElements adds of the canvas's per-cell weights and counts; inside, one ScatterND without
+    reduction per layer writes the touched rows."""
     import torch
 
     from spd.models import encoder
@@ -100,6 +104,8 @@ def test_exported_forms_agree_with_the_eager_ones_and_leave_no_buffer_copies(exp
     assert not [node.name for node in graph.node if node.op_type == "ScatterND"]
     assert len([node for node in graph.node if node.op_type == "ScatterElements"]) == 2  # weights and counts, not the write
     assert len([node for node in graph.node if node.op_type == "If"]) == 5  # one canvas write per decoder layer
+    scatters = [node for node in _all_nodes(graph) if node.op_type == "ScatterND"]
+    assert len(scatters) == 5 and not any(_adds(node) for node in scatters)  # the touched rows' writes
 
 
 def test_ort_profile_sums_node_time_per_op_type_after_the_warm_up_run(exported):
@@ -134,6 +140,17 @@ def test_onnx_sessions_sleep_between_runs_instead_of_spinning():
 
     described = describe_session_options(session_options(ort, 2))
     assert described["intra_op_allow_spinning"] == "0" and described["intra_op_num_threads"] == 2
+
+
+def _all_nodes(graph):
+    """The graph's nodes and those of every subgraph (an If's branches), depth first."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_nodes(subgraph)
 
 
 def _adds(node) -> bool:

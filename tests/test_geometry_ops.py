@@ -95,15 +95,15 @@ def test_canvas_rows_path_matches_reference_write_cascade_smooth_read():
         torch.testing.assert_close(view, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("num_queries", [1, 3000])
-def test_exported_canvas_write_forms_equal_index_add_with_shared_cells_and_a_large_offset(num_queries):
-    """The exported graphs' canvas write (a MatMul below `PREFIX_WRITE_FROM_K` queries, blocked prefix
-    sums in row order from there; both forms at both sizes) == the exact (float64) sum of the same
-    contributions, where most queries share a few cells and every value carries a large common offset:
-    a float32 prefix over all contributions would lose the rows' sums there (its error grows with the
-    prefix), the blocked one is as close as PyTorch's own float32 `index_add_`."""
-    from spd.models.rows import (PREFIX_WRITE_FROM_K, add_rows, blocked_prefix_canvas_sum, canvas_write_forms,
-                                 exported_canvas_sum, matmul_canvas_sum)
+@pytest.mark.parametrize("num_queries", [1, 300, 3000])
+def test_exported_canvas_write_forms_equal_the_exact_sum_with_shared_cells_and_a_large_offset(num_queries):
+    """The exported graphs' canvas write (the touched rows below `PREFIX_WRITE_FROM_K` queries, blocked
+    prefix sums over all rows from there; both forms at every size) == the exact (float64) sum of the
+    same contributions, where most queries share a few cells and every value carries a large common
+    offset: a float32 prefix over all contributions would lose the rows' sums there (its error grows
+    with the prefix), the blocked one is as close as PyTorch's own float32 `index_add_`."""
+    from spd.models.rows import (PREFIX_BLOCK, PREFIX_WRITE_FROM_K, add_rows, blocked_prefix_canvas_sum,
+                                 canvas_write_forms, exported_canvas_write, touched_rows_canvas_write)
 
     generator = torch.Generator().manual_seed(0)
     canvas_size, width = 500, 16
@@ -112,26 +112,49 @@ def test_exported_canvas_write_forms_equal_index_add_with_shared_cells_and_a_lar
     canvas_rows = torch.where(torch.rand(num_queries * 12, generator=generator) < 0.75, crowded, anywhere)
     soft_beta = torch.rand(1, num_queries, 3, 4, 1, generator=generator)
     written = 1000.0 + torch.randn(num_queries, width, generator=generator)
+    canvas = torch.randn(canvas_size, width, generator=generator)
     contributions = (written.double()[:, None, None, :] * soft_beta[0].double()).reshape(-1, width)
     exact = add_rows(torch.zeros(canvas_size, width, dtype=torch.float64), canvas_rows, contributions)
     forms = canvas_write_forms(canvas_rows, soft_beta, canvas_size)
-    prefix = blocked_prefix_canvas_sum(forms.query, forms.weight, forms.through, forms.before, written)
-    matmul = matmul_canvas_sum(forms.rows, forms.weights, canvas_size, written)
-    chosen = exported_canvas_sum(forms, written)
-    torch.testing.assert_close(chosen, prefix if num_queries >= PREFIX_WRITE_FROM_K else matmul, rtol=0, atol=0)
+    all_rows = canvas + blocked_prefix_canvas_sum(forms.query, forms.weight, forms.through, forms.before, written)
+    touched = touched_rows_canvas_write(canvas, forms, written)
+    chosen = exported_canvas_write(forms, canvas, written)
+    torch.testing.assert_close(chosen, all_rows if num_queries >= PREFIX_WRITE_FROM_K else touched, rtol=0, atol=0)
     index_add_error = (add_rows(torch.zeros(canvas_size, width), canvas_rows, contributions.float()).double() - exact).abs()
-    for got in (prefix, matmul):
+    for got in (all_rows, touched):
         assert got.dtype == torch.float32 and got.shape == (canvas_size, width)
-        torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-3)
-        assert (got.double() - exact).abs().max() <= 2 * index_add_error.max() + 1e-3
-        assert (got[exact.abs().sum(1) == 0] == 0).all()  # rows nobody writes stay exactly zero
+        error = ((got.double() - canvas.double()) - exact).abs()
+        assert error.max() <= 2 * index_add_error.max() + 1e-3
+        # each element: float32 rounding of the row sum, plus that of a difference within one block
+        block_rounding = 2 * PREFIX_BLOCK * torch.finfo(torch.float32).eps * contributions.abs().max().item()
+        torch.testing.assert_close(got.double() - canvas.double(), exact, rtol=1e-6, atol=block_rounding)
+        assert torch.equal(got[exact.abs().sum(1) == 0], canvas[exact.abs().sum(1) == 0])  # untouched rows unchanged
     for block in (1, 7, 64):  # any block size, also one that does not divide the contributions
         other = blocked_prefix_canvas_sum(forms.query, forms.weight, forms.through, forms.before, written, block)
         assert (other.double() - exact).abs().max() <= 2 * index_add_error.max() + 1e-3
     if num_queries > 1:
         float32_prefix = (written[forms.query] * forms.weight[:, None]).cumsum(0)
         float32_sums = float32_prefix[forms.through] - float32_prefix[forms.before]
-        assert (float32_sums.double() - exact).abs().max() > 1e-1  # why float64
+        assert (float32_sums.double() - exact).abs().max() > 1e-1  # why the prefix runs in blocks
+
+
+def test_touched_rows_write_is_the_same_whatever_the_order_of_duplicate_writes():
+    """Every contribution of a row writes that row's whole sum, bitwise the same: ONNX leaves the
+    order of ScatterND's duplicate-index writes open, so any order must give the same canvas."""
+    from spd.models.rows import blocked_prefix, canvas_write_forms, prefix_difference, touched_rows_update
+
+    generator = torch.Generator().manual_seed(1)
+    canvas_rows = torch.randint(0, 6, (40 * 12,), generator=generator)  # 480 writes to 6 rows
+    forms = canvas_write_forms(canvas_rows, torch.rand(1, 40, 3, 4, 1, generator=generator), 10)
+    offsets, in_block = blocked_prefix(forms.query, forms.weight, torch.randn(40, 8, generator=generator))
+    sums = prefix_difference(offsets, in_block, forms.row_through, forms.row_before)
+    for row in forms.row.unique():
+        same_row = sums[forms.row == row]
+        assert torch.equal(same_row, same_row[:1].expand_as(same_row))
+    canvas = torch.randn(10, 8, generator=generator)
+    reversed_order = torch.arange(forms.row.shape[0] - 1, -1, -1)
+    torch.testing.assert_close(touched_rows_update(canvas, forms.row, sums),
+                               touched_rows_update(canvas, forms.row[reversed_order], sums[reversed_order]), rtol=0, atol=0)
 
 
 def _msda(order: str) -> MSDeformableAttention:

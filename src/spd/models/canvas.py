@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spd.models.onednn import Linear
-from spd.models.rows import QueryRows, add_rows, as_dtype, bag_sum, exported_canvas_sum, exporting_ops, product_in
+from spd.models.rows import QueryRows, add_rows, as_dtype, bag_sum, exported_canvas_write, exporting_ops, product_in
 from spd.models.splat import SplatPlan, sample_at
 
 
@@ -77,8 +77,8 @@ class CanvasSublayer(nn.Module):
         `embedding_bag`. -> read (B, K, d)."""
         batch, num_queries, d_model = h.shape
         written = as_dtype(self.write(h).view(batch, num_queries, 1, 1, d_model), canvas.dtype)
-        if plan.canvas_write is not None:  # exported graphs: a MatMul or prefix sums (`exported_canvas_sum`)
-            canvas.add_(exported_canvas_sum(plan.canvas_write, written.view(num_queries, d_model)))
+        if plan.canvas_write is not None:  # exported graphs: touched rows or prefix sums (`exported_canvas_write`)
+            canvas.copy_(exported_canvas_write(plan.canvas_write, canvas, written.view(num_queries, d_model)))
         else:
             # In the canvas dtype (bf16 under autocast): a mixed-dtype product is several times slower on CPU.
             contributions = (written * plan.soft_beta).view(-1, d_model)  # (B*K*3*4, d)

@@ -198,9 +198,10 @@ def export_ops() -> Iterator[None]:
       which exports as ScatterND (reduction add): ONNX Runtime's CPU ScatterND adds duplicate indices
       from several threads without synchronisation and returns wrong, run-to-run different sums
       (microsoft/onnxruntime#18048, #23396; the canvas write has duplicates whenever queries share a cell);
-    - for one image (what `spd export` traces) the canvas write scatters no rows: one MatMul per
-      layer at small K, prefix sums over its contributions in row order at large K
-      (`exported_canvas_sum`), several times faster on ONNX Runtime than its ScatterElements;
+    - for one image (what `spd export` traces) the canvas write adds no rows in a scatter: prefix sums
+      over its contributions in row order, written to the touched rows at small K and read at every
+      row at large K (`exported_canvas_write`), several times faster on ONNX Runtime than its
+      ScatterElements;
     - the canvas's gate and smoothing updates (`CanvasSublayer.forward_rows`) build the new maps and
       write the whole canvas buffer once per layer, instead of five in-place updates of views, which
       export as five ScatterND copies of the whole buffer.
@@ -301,29 +302,32 @@ def query_rows(grid: torch.Tensor, mask: torch.Tensor, seed: LevelIndex, extent:
                      starts4[: batch * num_queries * 3], bag_starts(batch * num_queries * heads, bag, grid.device))
 
 
-PREFIX_WRITE_FROM_K = 512  # below, one MatMul per layer is as fast on ONNX Runtime (measured: tie at 256, 2x at 1024)
+# From here the prefix read at every canvas row beats writing the touched rows: for v15 at 480x640
+# (R = 6300 canvas rows) where the M = 12 K contributions reach R (measured: scripts/canvas_write_bench.py).
+PREFIX_WRITE_FROM_K = 512
 
 
 @dataclass
 class CanvasWriteForms:
-    """The canvas write of one image in the forms exported graphs run (`exported_canvas_sum`), made
+    """The canvas write of one image in the forms exported graphs run (`exported_canvas_write`), made
     once per decode call from the queries' corners: each contribution is one query's soft-mean weight
     at one canvas corner.
 
     Shape (M = K * 3 * 4 contributions, R = canvas rows):
-        rows, weights (M,): each contribution's canvas row and float32 weight, in query order (query
-            m // 12): the (R x K) matrix of the MatMul form;
-        query, weight (M + 1,): the same contributions sorted by canvas row, after a leading
-            zero-weight entry (the prefix sums' 0): the prefix form;
+        query, weight (M + 1,): the contributions' queries and weights sorted by canvas row, after a
+            leading zero-weight entry (the prefix sums' 0);
         through, before (R,): the number of sorted contributions to rows up to and including / before
-            each row."""
+            each row;
+        row, row_through, row_before (M,): each sorted contribution's canvas row and that row's
+            through / before: the touched-rows form."""
 
-    rows: torch.Tensor
-    weights: torch.Tensor
     query: torch.Tensor
     weight: torch.Tensor
     through: torch.Tensor
     before: torch.Tensor
+    row: torch.Tensor
+    row_through: torch.Tensor
+    row_before: torch.Tensor
 
 
 def canvas_write_forms(canvas_rows: torch.Tensor, soft_beta: torch.Tensor, canvas_size: int) -> CanvasWriteForms:
@@ -336,66 +340,97 @@ def canvas_write_forms(canvas_rows: torch.Tensor, soft_beta: torch.Tensor, canva
     weight = torch.cat([weights.new_zeros(1), weights[order]])
     counts = add_rows(torch.zeros(canvas_size, dtype=order.dtype, device=order.device), canvas_rows, torch.ones_like(order))
     through = counts.cumsum(0)
-    return CanvasWriteForms(canvas_rows, weights, query, weight, through, through - counts)
+    before = through - counts
+    row = canvas_rows[order]
+    return CanvasWriteForms(query, weight, through, before, row, through[row], before[row])
 
 
-def exported_canvas_sum(forms: CanvasWriteForms, written: torch.Tensor) -> torch.Tensor:
-    """One layer's canvas write for exported graphs, per canvas row the sum of weight * written[query]
-    over its contributions, in the form ONNX Runtime runs fastest at this K: `matmul_canvas_sum` below
-    PREFIX_WRITE_FROM_K queries, `blocked_prefix_canvas_sum` from there (an ONNX If on the symbolic K).
-    Neither scatters rows with duplicate indices, which ONNX Runtime's `ScatterND` add sums wrongly.
+def exported_canvas_write(forms: CanvasWriteForms, canvas: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+    """canvas + one layer's canvas write for exported graphs (per canvas row the sum of weight *
+    written[query] over its contributions), in the form ONNX Runtime runs fastest at this K:
+    `touched_rows_canvas_write` below PREFIX_WRITE_FROM_K queries, `blocked_prefix_canvas_sum` over all
+    rows from there (an ONNX If on the symbolic K). Neither adds rows in a scatter with duplicate
+    indices, which ONNX Runtime's `ScatterND` add sums wrongly.
 
-    Shape: written (K, d) -> (R, d) in written's dtype."""
-    operands = (written, forms.rows, forms.weights, forms.query, forms.weight, forms.through, forms.before)
+    Shape: canvas (R, d), written (K, d) -> (R, d) in canvas's dtype."""
+    operands = (canvas, written, forms.query, forms.weight, forms.through, forms.before, forms.row, forms.row_through,
+                forms.row_before)
     if torch.compiler.is_exporting():
-        return torch.cond(written.shape[0] >= PREFIX_WRITE_FROM_K, _prefix_branch, _matmul_branch, operands)
-    return (_prefix_branch if written.shape[0] >= PREFIX_WRITE_FROM_K else _matmul_branch)(*operands)
+        return torch.cond(written.shape[0] >= PREFIX_WRITE_FROM_K, _all_rows_branch, _touched_rows_branch, operands)
+    return (_all_rows_branch if written.shape[0] >= PREFIX_WRITE_FROM_K else _touched_rows_branch)(*operands)
 
 
-def _matmul_branch(written, rows, weights, query, weight, through, before):
-    return matmul_canvas_sum(rows, weights, through.shape[0], written)
+def _touched_rows_branch(canvas, written, query, weight, through, before, row, row_through, row_before):
+    offsets, in_block = blocked_prefix(query, weight, written)
+    return touched_rows_update(canvas, row, prefix_difference(offsets, in_block, row_through, row_before))
 
 
-def _prefix_branch(written, rows, weights, query, weight, through, before):
-    return blocked_prefix_canvas_sum(query, weight, through, before, written)
+def _all_rows_branch(canvas, written, query, weight, through, before, row, row_through, row_before):
+    return canvas + blocked_prefix_canvas_sum(query, weight, through, before, written)
 
 
-def matmul_canvas_sum(rows: torch.Tensor, weights: torch.Tensor, canvas_size: int, written: torch.Tensor) -> torch.Tensor:
-    """The canvas write as one MatMul, S @ written with S[r, q] the sum of query q's weights at row r:
-    S is built by a scatter of the M weights (ONNX ScatterElements add, exact) into zeros, its
-    (R x K) arithmetic mostly on zeros. rows, weights (M,) in query order -> (R, d)."""
-    num_queries = written.shape[0]
-    corners = rows.shape[0] // num_queries
-    entry = rows * num_queries + torch.arange(rows.shape[0], device=rows.device) // corners
-    matrix = add_rows(weights.new_zeros(canvas_size * num_queries), entry, weights)
-    return torch.matmul(matrix.view(canvas_size, num_queries), written)
+PREFIX_BLOCK = 32  # contributions per block of the blocked prefix sums (`blocked_prefix`)
 
 
-PREFIX_BLOCK = 32  # contributions per block of `blocked_prefix_canvas_sum`
+def blocked_prefix(query: torch.Tensor, weight: torch.Tensor, written: torch.Tensor,
+                   block: int = PREFIX_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix sums of weight * written[query] over the contributions sorted by row (`CanvasWriteForms`),
+    in two parts whose sum at position p is the prefix through p: (offsets (M' / block, d) float64,
+    the prefix before each block; in_block (M', d) in written's dtype, the prefix within p's block).
 
-
-def blocked_prefix_canvas_sum(query: torch.Tensor, weight: torch.Tensor, through: torch.Tensor, before: torch.Tensor,
-                              written: torch.Tensor, block: int = PREFIX_BLOCK) -> torch.Tensor:
-    """The canvas write as prefix sums over the contributions in row order (`CanvasWriteForms`), read
-    at each row's end and start and differenced: O(M d + R d) where the MatMul is O(R K d). A float32
-    prefix over all M contributions would lose the rows' sums (its rounding grows with the prefix), so
-    the prefix runs in blocks of `block` sorted contributions: within a block a float32 prefix by one
-    batched MatMul with a lower-triangular matrix of the block's weights (at most `block` terms), across
-    blocks a float64 prefix of the block totals only ((M / block, d), not a float64 copy of all M).
-    Its error is that of a float32 `index_add_` of the same contributions or smaller (tested). On ONNX
-    Runtime at K = 4096 ~2.7x faster than the MatMul and ~1.7x faster than a float64 prefix over all M
-    (measured: docs/deployment.md). weight (M + 1,) in written's dtype; written (K, d) -> (R, d).
-
-    Padding to a multiple of `block` appends zero-weight entries (they add nothing)."""
+    A float32 prefix over all M contributions would lose the rows' sums (its rounding grows with the
+    prefix, and a row's sum is the difference of two prefixes), so the prefix runs in blocks of `block`
+    sorted contributions: within a block a float32 prefix by one batched MatMul with a lower-triangular
+    matrix of the block's weights (at most `block` terms), across blocks a float64 prefix of the block
+    totals only, not a float64 copy of all M. Padding to M' (a multiple of `block`) appends
+    zero-weight entries, which add nothing. weight (M + 1,) in written's dtype; written (K, d)."""
     entries, width = query.shape[0], written.shape[1]
     padding = (-entries) % block
-    query = torch.cat([query, query.new_zeros(padding)])  # zero weight: adds nothing
+    query = torch.cat([query, query.new_zeros(padding)])
     weight = torch.cat([weight, weight.new_zeros(padding)])
     blocks = (entries + padding) // block
     lower = torch.ones(block, block, dtype=written.dtype, device=written.device).tril()
     in_block = torch.matmul(lower * weight.view(blocks, 1, block), written.index_select(0, query).view(blocks, block, width))
-    in_block = in_block.view(-1, width)  # (blocks * block, d): the prefix within each block, inclusive
-    totals = in_block[block - 1 :: block].double()  # (blocks, d)
+    totals = in_block[:, block - 1].double()  # (blocks, d)
     offsets = torch.cat([totals.new_zeros(1, width), totals.cumsum(0)[:-1]])  # before each block, float64
+    return offsets, in_block.view(-1, width)
+
+
+def prefix_difference(offsets: torch.Tensor, in_block: torch.Tensor, through: torch.Tensor, before: torch.Tensor,
+                      block: int = PREFIX_BLOCK) -> torch.Tensor:
+    """The sum of the contributions after position `before` up to and including `through` (each (N,)),
+    from `blocked_prefix`'s parts: the float64 block offsets differenced first, so that only the
+    row's own sum is rounded to in_block's dtype. -> (N, d)."""
     between_blocks = offsets.index_select(0, through // block) - offsets.index_select(0, before // block)
-    return between_blocks.to(written.dtype) + (in_block.index_select(0, through) - in_block.index_select(0, before))
+    return between_blocks.to(in_block.dtype) + (in_block.index_select(0, through) - in_block.index_select(0, before))
+
+
+def blocked_prefix_canvas_sum(query: torch.Tensor, weight: torch.Tensor, through: torch.Tensor, before: torch.Tensor,
+                              written: torch.Tensor, block: int = PREFIX_BLOCK) -> torch.Tensor:
+    """The canvas write as prefix sums over the contributions in row order, read at each canvas row's
+    end and start and differenced (`blocked_prefix`, `prefix_difference`): O(M d + R d) where the
+    MatMul is O(R K d). Its error is that of a float32 `index_add_` of the same contributions or
+    smaller (tested). On ONNX Runtime at K = 4096 ~4x faster than the MatMul and ~1.3x faster than a
+    float64 prefix over all M (measured: docs/deployment.md). written (K, d) -> (R, d)."""
+    offsets, in_block = blocked_prefix(query, weight, written, block)
+    return prefix_difference(offsets, in_block, through, before, block)
+
+
+def touched_rows_canvas_write(canvas: torch.Tensor, forms: CanvasWriteForms, written: torch.Tensor,
+                              block: int = PREFIX_BLOCK) -> torch.Tensor:
+    """canvas + the canvas write, computed and written at the touched rows only: each sorted
+    contribution's row sum (`blocked_prefix`, differenced at its row's end and start), added to the
+    row's value and written back (`touched_rows_update`). O(M d) and one copy of the canvas: at small K
+    far less than the MatMul's O(R K d) or the prefix's reads of all R rows. canvas (R, d),
+    written (K, d) -> (R, d)."""
+    offsets, in_block = blocked_prefix(forms.query, forms.weight, written, block)
+    return touched_rows_update(canvas, forms.row, prefix_difference(offsets, in_block, forms.row_through, forms.row_before, block))
+
+
+def touched_rows_update(canvas: torch.Tensor, row: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """canvas with sums[i] added to row row[i], where every contribution of a row carries that row's
+    whole sum: written back with ScatterND (no reduction), a row with n contributions n times with
+    bitwise the same values (the same reads and arithmetic), so the result does not depend on the order
+    of the writes, which ONNX leaves open for duplicate indices. The add is not in the scatter:
+    ScatterND add on ONNX Runtime's CPU races on duplicates. canvas (R, d), row (M,), sums (M, d)."""
+    return canvas.index_put((row,), canvas.index_select(0, row) + sums)

@@ -86,7 +86,17 @@ def main() -> None:
 
     from spd.export.runtime import session_options
 
-    forms, ks = args.forms.split(","), [int(k) for k in args.k.split(",")]
+    forms = args.forms.split(",")
+    unknown = [form for form in forms if form not in ("matmul", "touched", "float64")
+               and not (form.startswith("blocked") and form.removeprefix("blocked").isdigit())]
+    if unknown:
+        parser.error(f"unknown forms {unknown}: choose from matmul, touched, float64, blockedN (e.g. blocked32)")
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        parser.error(f"--k takes comma-separated whole numbers, got {args.k!r}")
+    if not ks or min(ks) < 1:
+        parser.error(f"--k needs query counts >= 1, got {args.k!r}")
     generator = torch.Generator().manual_seed(0)
     dims = ({0: torch.export.Dim("contributions")}, {1: torch.export.Dim("k")}, {0: torch.export.Dim("k_written")})
     sessions = {}

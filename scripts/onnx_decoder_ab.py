@@ -96,7 +96,14 @@ def main() -> None:
     from spd.export.runtime import session_options
 
     folders = [Path(f) for f in args.folders]
-    ks = [int(k) for k in args.k.split(",")]
+    missing = [str(folder) for folder in folders
+               if not ((folder / "encoder.onnx").is_file() and (folder / "decoder.onnx").is_file())]
+    if missing:
+        parser.error(f"not export folders (no encoder.onnx / decoder.onnx): {', '.join(missing)}")
+    try:
+        ks = [int(k) for k in args.k.split(",")]
+    except ValueError:
+        parser.error(f"--k takes comma-separated whole numbers, got {args.k!r}")
     feeds = decoder_feeds(ort, folders[0], ks)
     sessions = [ort.InferenceSession(str(f / "decoder.onnx"), session_options(ort, 2), providers=["CPUExecutionProvider"])
                 for f in folders]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -353,20 +353,20 @@ def exported_canvas_write(forms: CanvasWriteForms, canvas: torch.Tensor, written
     indices, which ONNX Runtime's `ScatterND` add sums wrongly.
 
     Shape: canvas (R, d), written (K, d) -> (R, d) in canvas's dtype."""
-    operands = (canvas, written, forms.query, forms.weight, forms.through, forms.before, forms.row, forms.row_through,
-                forms.row_before)
+    operands = (canvas, written, *(getattr(forms, field.name) for field in fields(forms)))
     if torch.compiler.is_exporting():
         return torch.cond(written.shape[0] >= PREFIX_WRITE_FROM_K, _all_rows_branch, _touched_rows_branch, operands)
     return (_all_rows_branch if written.shape[0] >= PREFIX_WRITE_FROM_K else _touched_rows_branch)(*operands)
 
 
-def _touched_rows_branch(canvas, written, query, weight, through, before, row, row_through, row_before):
-    offsets, in_block = blocked_prefix(query, weight, written)
-    return touched_rows_update(canvas, row, prefix_difference(offsets, in_block, row_through, row_before))
+# torch.cond's branches take tensors only: the forms travel as their fields, in order.
+def _touched_rows_branch(canvas, written, *form_fields):
+    return touched_rows_canvas_write(canvas, CanvasWriteForms(*form_fields), written)
 
 
-def _all_rows_branch(canvas, written, query, weight, through, before, row, row_through, row_before):
-    return canvas + blocked_prefix_canvas_sum(query, weight, through, before, written)
+def _all_rows_branch(canvas, written, *form_fields):
+    forms = CanvasWriteForms(*form_fields)
+    return canvas + blocked_prefix_canvas_sum(forms.query, forms.weight, forms.through, forms.before, written)
 
 
 PREFIX_BLOCK = 32  # contributions per block of the blocked prefix sums (`blocked_prefix`)

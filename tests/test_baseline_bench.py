@@ -199,3 +199,32 @@ def test_a_training_batch_that_does_not_fit_is_skipped_with_the_reason(monkeypat
     assert sections[1]["batch"] == 6 and "needs ~18 GB" in sections[1]["skipped"] and "8.0 GB available" in sections[1]["skipped"]
     assert "skipped, needs ~18 GB" in train_step.format_training_step("fp32", sections[1])
     assert train_step.memory_shortfall(torch.device("cuda"), 6) is None  # a GPU's memory is its own matter
+
+
+def test_baseline_exports_its_attention_without_the_nan_guard(baseline, tmp_path):
+    """The ONNX export of DAv2-S takes the attention form ONNX Runtime runs best (`plain_attention`):
+    PyTorch's SDPA exports with IsNaN + Where over every attention matrix (~22 % of DAv2-S's ORT time
+    at 480x640), which an unmasked ViT never needs. Same depths; PyTorch keeps SDPA afterwards."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from spd.bench.onnx import export_baseline
+    from spd.export.runtime import session_options
+
+    backbone = baseline.net.backbone
+    before = backbone.config._attn_implementation
+    path = tmp_path / "baseline.onnx"
+    export_baseline(baseline, path, 64, 96)
+    assert backbone.config._attn_implementation == before  # restored for PyTorch
+    op_types = [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
+    layers = baseline.net.config.backbone_config.num_hidden_layers
+    # one Softmax per layer and no guard (an IsNaN and a Where per layer); the one Where left is the query mask's
+    assert op_types.count("Softmax") == layers and "IsNaN" not in op_types and op_types.count("Where") < layers
+    torch.manual_seed(1)
+    image, queries = torch.rand(1, 3, 64, 96), torch.rand(1, 7, 2) * torch.tensor([95.0, 63.0])
+    with torch.no_grad():
+        expected = baseline.decode(baseline.encode(image), queries).numpy()
+    session = ort.InferenceSession(str(path), session_options(ort, 2), providers=["CPUExecutionProvider"])
+    depth = session.run(None, {"image": image.numpy(), "queries": queries.numpy()})[0]
+    assert np.abs(depth - expected).max() <= 1e-4 * np.abs(expected).max()

@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from spd.cli.args import k_list
 import torch
 
 from spd.models import rows as R
@@ -80,7 +82,7 @@ def random_inputs(num_queries: int, generator: torch.Generator) -> tuple[torch.T
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forms", default="matmul,touched,blocked32,float64")
-    parser.add_argument("--k", default="1,256,512,1024,4096")
+    parser.add_argument("--k", type=k_list, default=k_list("1,256,512,1024,4096"), help="comma-separated query counts")
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -91,12 +93,7 @@ def main() -> None:
                and not (form.startswith("blocked") and form.removeprefix("blocked").isdigit())]
     if unknown:
         parser.error(f"unknown forms {unknown}: choose from matmul, touched, float64, blockedN (e.g. blocked32)")
-    try:
-        ks = [int(k) for k in args.k.split(",")]
-    except ValueError:
-        parser.error(f"--k takes comma-separated whole numbers, got {args.k!r}")
-    if not ks or min(ks) < 1:
-        parser.error(f"--k needs query counts >= 1, got {args.k!r}")
+    ks = list(args.k)
     generator = torch.Generator().manual_seed(0)
     dims = ({0: torch.export.Dim("contributions")}, {1: torch.export.Dim("k")}, {0: torch.export.Dim("k_written")})
     sessions = {}

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spd.cli.args import k_list
+
 
 def export_random_v15(folder: str) -> None:
     import torch
@@ -82,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="*", help="export folders to time, the first the reference")
     parser.add_argument("--export", help="write random-weight v15 at 480x640 here and stop")
-    parser.add_argument("--k", default="1,256,1024,4096", help="comma-separated query counts")
+    parser.add_argument("--k", type=k_list, default=k_list("1,256,1024,4096"), help="comma-separated query counts")
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per folder and K (median)")
     parser.add_argument("--nodes", type=int, help="also print each folder's slowest decoder nodes at this K")
     args = parser.parse_args()
@@ -100,10 +102,7 @@ def main() -> None:
                if not ((folder / "encoder.onnx").is_file() and (folder / "decoder.onnx").is_file())]
     if missing:
         parser.error(f"not export folders (no encoder.onnx / decoder.onnx): {', '.join(missing)}")
-    try:
-        ks = [int(k) for k in args.k.split(",")]
-    except ValueError:
-        parser.error(f"--k takes comma-separated whole numbers, got {args.k!r}")
+    ks = list(args.k)
     feeds = decoder_feeds(ort, folders[0], ks)
     sessions = [ort.InferenceSession(str(f / "decoder.onnx"), session_options(ort, 2), providers=["CPUExecutionProvider"])
                 for f in folders]

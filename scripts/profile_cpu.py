@@ -2,6 +2,10 @@
 480x640, fp32 and bf16 (autocast on the bf16 weight copy, as the predictor runs it), random weights,
 in this process's threads. The speed page's per-CPU profile notes come from it.
 
+Read shares, not milliseconds, off it: the profiler slows the largest ops (v15's first MLP layer,
+19200 x 96 -> 384 with its GELU, reads 15.3 ms per call here against 10.3 ms timed without it on an
+AMD EPYC Zen 4). `scripts/cpu_floor.py` times the encoder's linear layers without the profiler.
+
     .venv/bin/python scripts/profile_cpu.py [--k 256] [--rows 8]
 """
 

@@ -18,6 +18,13 @@ def op_type_times(ort, graph: Path, options, feeds: dict, runs: int = 5) -> dict
     """{op type: ms per run}, largest first, for `graph` run `runs` times on `feeds` after one warm-up
     run, with `options` (profiling is switched on in them for this session, its file in a temporary
     folder, and off again afterwards)."""
+    return _sum_by_op_type(node_events(ort, graph, options, feeds, runs), runs)
+
+
+def node_events(ort, graph: Path, options, feeds: dict, runs: int = 5) -> list[dict]:
+    """ORT's profiler events of every node run in `runs` runs of `graph` after one warm-up run: each
+    with the node's op type, duration (us) and input / output shapes in `args` (control-flow nodes
+    left out: their time is their subgraphs' nodes, which have events of their own)."""
     with tempfile.TemporaryDirectory() as tmp:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
@@ -28,23 +35,25 @@ def op_type_times(ort, graph: Path, options, feeds: dict, runs: int = 5) -> dict
             events = json.loads(Path(session.end_profiling()).read_text())
         finally:
             options.enable_profiling = False
-    return _sum_by_op_type(events, runs)
+    return _after_warm_up(events)
 
 
-CONTROL_FLOW = ("If", "Loop", "Scan")  # their time is their subgraphs' nodes, which have events of their own
+CONTROL_FLOW = ("If", "Loop", "Scan")
+
+
+def _after_warm_up(events: list[dict]) -> list[dict]:
+    """Node kernel events after the first `model_run` event, control-flow nodes left out."""
+    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    warm_end = model_runs[0]["ts"] + model_runs[0]["dur"] if model_runs else 0
+    return [event for event in events
+            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time")
+            and event["ts"] >= warm_end and event["args"]["op_name"] not in CONTROL_FLOW]
 
 
 def _sum_by_op_type(events: list[dict], runs: int) -> dict[str, float]:
-    """Node kernel times after the first `model_run` event, summed per op type, in ms per run
-    (control-flow nodes left out: counting them would count their subgraphs' nodes twice)."""
-    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    warm_end = model_runs[0]["ts"] + model_runs[0]["dur"] if model_runs else 0
+    """Node events summed per op type, in ms per run."""
     totals: dict[str, float] = defaultdict(float)
     for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        if event["ts"] < warm_end or event["args"]["op_name"] in CONTROL_FLOW:
-            continue
         totals[event["args"]["op_name"]] += event["dur"] / 1000.0 / runs
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 

@@ -223,6 +223,8 @@ def mistakes(tmp_path_factory, synth_root, export_160):
     first_label.write_bytes(b"u,v,depth_m\n1,1,2.0\n# caf\xe9\n")
     Image.new("1", (14000, 14000)).save(root / "bomb.png")  # 196 M pixels: over PIL's decompression-bomb limit
     (root / "broken.yaml").write_text("optim: [lr: 3e-4\n")
+    (root / "no_images").mkdir()
+    (root / "no_images" / "notes.txt").write_text("calibration images go here\n")
     run = root / "corrupt_run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\n')
@@ -260,6 +262,13 @@ def _mistake_cases(root: Path, own: Path, synth: Path, model: str) -> list[tuple
         (["predict", "--backend", "onnx", "--model", str(root / "bad_manifest"), "--image", IMAGE, "--points", "1,1"], 4,
          "'height'"),
         (["export", "--model", str(root / "model96"), "--out", str(root / "a_file")], 2, "is a file"),
+        (["export", "--model", str(root / "model96"), "--out", str(root / "int8"), "--int8"], 2, "--calibration"),
+        (["export", "--model", str(root / "model96"), "--out", str(root / "int8"), "--calibration", str(synth)], 2,
+         "only for --int8"),
+        (["export", "--model", str(root / "model96"), "--out", str(root / "int8"), "--int8", "--calibration",
+          str(root / "no_such_dir")], 2, "not a folder"),
+        (["export", "--model", str(root / "model96"), "--out", str(root / "int8"), "--int8", "--calibration",
+          str(root / "no_images")], 2, "no .jpg"),
         (["eval", "--model", model, "--data-root", str(synth), "--min-depth", "20", "--max-depth", "10"], 2,
          "--min-depth"),
         (predict[:-2] + ["--grid", "100000"], 2, "--grid 100000"),

@@ -193,9 +193,11 @@ def test_folded_encoder_matches_timm_forward(batch):
     images = torch.randn(batch, 3, 96, 64)
     with torch.no_grad():
         folded = encoder(images, folded=True)
+        unfolded = encoder(images, folded=True, fold_grn=False)  # GRN on the activation: the int8 export's form
         reference = encoder.backbone(images)
-    for a, b in zip(folded, reference, strict=True):
+    for a, c, b in zip(folded, unfolded, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
 def test_sliced_sum_of_squares_equals_one_pass():

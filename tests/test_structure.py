@@ -20,7 +20,7 @@ from spd.models.encoder_weights import EncoderWeightsError
 SRC = Path(__file__).resolve().parents[1] / "src" / "spd"
 # Taken before the CLI became a package (issue 24); since then changed only by commits that change a flag
 # on purpose (issue 25: predict's --long-side, export's default size from the model's pixel scale; issue 29:
-# serve's limits and loadcheck --hostile; issue 30: the new `spd ablate`).
+# serve's limits and loadcheck --hostile; issue 30: the new `spd ablate`; issue 27: export's --int8).
 HELP_COPY = Path(__file__).resolve().parent / "fixtures" / "cli_help.txt"
 
 

@@ -1,18 +1,20 @@
-"""Issue 27's int8 experiment: ONNX Runtime static quantisation of an exported SPD encoder.
+"""Issue 27's int8 experiment: an int8 SPD encoder on ONNX Runtime against the fp32 export.
 
-The encoder of an `spd export` folder is quantised with ONNX Runtime's `quantize_static` (QDQ format,
-per-channel int8 weights, uint8 activations, MinMax calibration on the caller's images); the decoder
-stays fp32. Measured, against the fp32 folder, in one process:
+The int8 folder is either made by `spd export --int8` (`--int8-export`: GRN unfolded, every MLP
+matmul quantised) or quantised here from the fp32 folder itself (`spd.export.int8`: QDQ, per-channel
+int8 weights, uint8 activations, MinMax calibration on `--calibration` images; with the fp32
+export's GRN folded into fc2, fc2 stays fp32); the decoder stays fp32. Measured, against the fp32
+folder, in one process:
 - speed: encode + decode(K) of one image at the exported size, the two folders timed in rounds;
-- depth change: |int8 - fp32| / fp32 at K grid points of each `--images` image;
+- depth change: |int8 - fp32| / fp32 at a grid of about K points of each `--images` image;
 - accuracy: abs_rel and δ1 of both at K fixed-seed labelled points of each test image of an
   NYU-layout dataset (`--test-data`: its test_files.txt), when given.
 
 `spd export` offers int8 only if it pays: total(256) >= 1.3x faster with abs_rel within 2 % relative
 of fp32 (the deployment page records the measured result).
 
-    python -m spd.experiments.int8 --export EXPORT_DIR --calibration IMAGE_DIR [--images IMG ...]
-        [--test-data ROOT] --out OUT_DIR
+    python -m spd.experiments.int8 --export EXPORT_DIR (--calibration IMAGE_DIR | --int8-export INT8_DIR)
+        [--images IMG ...] [--test-data ROOT] --out OUT_DIR
 """
 
 from __future__ import annotations
@@ -22,58 +24,18 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+from spd.export.int8 import QUANTIZED_OPS
 
-
-def calibration_reader(predictor, images: list[Path]):
-    """An ONNX Runtime CalibrationDataReader feeding each image as the encoder reads it."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._feeds = iter(images)
-
-        def get_next(self):
-            path = next(self._feeds, None)
-            return None if path is None else {"image": encoder_input(predictor, path)}
-
-    return Reader()
-
-
-def encoder_input(predictor, image) -> np.ndarray:
-    """(1, 3, h, w) float32: the image resized to the export and normalised, as `OnnxPredictor` feeds it."""
-    import torch
-
-    from spd.data.transforms import normalize_image
-
-    seen = predictor.prepare(str(image)).seen
-    return normalize_image(torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1))[None].numpy()
-
-
-def quantize_export(export: Path, out: Path, calibration: list[Path]) -> Path:
-    """A copy of `export` in `out` whose encoder.onnx is int8 (QDQ), its manifest's checksum updated."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
-
-    from spd.export.onnx_export import ENCODER_FILE, MANIFEST_FILE
-    from spd.export.runtime import OnnxPredictor
-    from spd.models.folder import file_sha256
+def quantize_export(export: Path, out: Path, calibration: list[Path], ops: str = "weights") -> Path:
+    """A copy of `export` in `out` whose encoder.onnx is int8 (`spd.export.int8.quantize_encoder`)."""
+    from spd.export.int8 import quantize_encoder
 
     shutil.copytree(export, out)
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(export / ENCODER_FILE), str(prepared))
-        quantize_static(str(prepared), str(out / ENCODER_FILE), calibration_reader(OnnxPredictor(export), calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    manifest["encoder"]["sha256"] = file_sha256(out / ENCODER_FILE)
-    manifest["encoder_quantization"] = "int8 QDQ, per-channel weights, uint8 activations (spd.experiments.int8)"
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    quantize_encoder(out, calibration, ops)
     return out
 
 
@@ -105,9 +67,10 @@ def depth_change(fp32, int8, images: list[Path], k: int) -> dict[str, float]:
     from spd.predictor import grid_points
 
     changes = []
+    side = max(1, round(k**0.5))  # a side x side grid: about K points
     for path in images:
         rgb = read_rgb(path)
-        points = grid_points(k, *rgb.shape[:2])
+        points = grid_points(side, *rgb.shape[:2])
         reference = fp32.predict(rgb, points)
         changes.append(np.abs(int8.predict(rgb, points) - reference) / reference)
     values = np.concatenate(changes)
@@ -141,11 +104,20 @@ def test_split_accuracy(predictors: dict, root: Path, k: int, seed: int = 0) -> 
     return result
 
 
+def pays(speedup: float, abs_rel_change: float | None) -> bool | None:
+    """Whether int8 is worth offering: total(K) >= 1.3x faster and abs_rel within 2 % relative of fp32.
+    None (no verdict) when it is fast enough but its accuracy was not measured (no --test-data)."""
+    if speedup < 1.3:
+        return False
+    return None if abs_rel_change is None else abs(abs_rel_change) <= 0.02
+
+
 def run(args: argparse.Namespace) -> dict:
     from spd.bench.machine import cpu_facts
     from spd.export.runtime import OnnxPredictor
 
     from spd.errors import SPDError
+    from spd.export.int8 import calibration_images
     from spd.export.runtime import read_manifest
 
     export, out = Path(args.export), Path(args.out)
@@ -153,26 +125,39 @@ def run(args: argparse.Namespace) -> dict:
         read_manifest(export)  # a missing or broken export folder, named in one line
     except SPDError as err:
         raise SystemExit(f"spd: error: --export {err}") from None
-    if not Path(args.calibration).is_dir():
-        raise SystemExit(f"spd: error: --calibration {args.calibration}: not a folder")
     for image in args.images:
         if not Path(image).is_file():
             raise SystemExit(f"spd: error: --images {image}: not found")
     if args.test_data and not (Path(args.test_data) / "test_files.txt").is_file():
         raise SystemExit(f"spd: error: --test-data {args.test_data}: no test_files.txt (an NYU-layout dataset, as `spd synth` writes)")
-    calibration = sorted(p for p in Path(args.calibration).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    calibration = calibration[: args.calibration_images]
-    if not calibration:
-        raise SystemExit(f"spd: error: {args.calibration}: no .jpg / .png images to calibrate on")
+    if (args.calibration is None) == (args.int8_export is None):
+        raise SystemExit("spd: error: give --calibration (quantise --export here) or --int8-export (an `spd export --int8` folder)")
+    calibration: list[Path] = []
+    if args.int8_export is not None:
+        int8_dir = Path(args.int8_export)
+        try:
+            if "encoder_quantization" not in read_manifest(int8_dir):
+                raise SystemExit(f"spd: error: --int8-export {int8_dir}: not an int8 export (made by `spd export --int8`)")
+        except SPDError as err:
+            raise SystemExit(f"spd: error: --int8-export {err}") from None
+    else:
+        try:
+            calibration = calibration_images(args.calibration, args.calibration_images)
+        except SPDError as err:
+            raise SystemExit(f"spd: error: {err}") from None
+        out.mkdir(parents=True, exist_ok=True)
+        int8_dir = out / "int8_export"
+        if int8_dir.exists():
+            shutil.rmtree(int8_dir)
+        quantize_export(export, int8_dir, calibration, args.quantize)
     out.mkdir(parents=True, exist_ok=True)
-    int8_dir = out / "int8_export"
-    if int8_dir.exists():
-        shutil.rmtree(int8_dir)
-    quantize_export(export, int8_dir, calibration)
     predictors = {"fp32": OnnxPredictor(export, threads=args.threads), "int8": OnnxPredictor(int8_dir, threads=args.threads)}
     result: dict = {"command": " ".join(["python -m spd.experiments.int8", *sys.argv[1:]]), "cpu": cpu_facts(),
-                    "threads": args.threads, "calibration_images": len(calibration),
+                    "threads": args.threads, "int8_export": str(int8_dir),
+                    "quantization": read_manifest(int8_dir)["encoder_quantization"],
                     "export_size": list(predictors["fp32"].export_size), "k": args.k}
+    if calibration:  # quantised here (an --int8-export's manifest says what it was calibrated on)
+        result["calibration_images"] = len(calibration)
     result["total_ms"] = total_ms(predictors, args.k, args.rounds)
     result["speedup"] = result["total_ms"]["fp32"] / result["total_ms"]["int8"]
     if args.images:
@@ -181,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
         accuracy = test_split_accuracy(predictors, Path(args.test_data), args.k)
         result["test_split"] = accuracy
         result["abs_rel_change"] = accuracy["int8"]["abs_rel"] / accuracy["fp32"]["abs_rel"] - 1.0
-    result["pays"] = result["speedup"] >= 1.3 and abs(result.get("abs_rel_change", 0.0)) <= 0.02
+    result["pays"] = pays(result["speedup"], result.get("abs_rel_change"))
     (out / "int8.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -189,14 +174,18 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spd.experiments.int8", description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", required=True, help="an `spd export` folder (fp32)")
-    parser.add_argument("--calibration", required=True, help="a folder of images (searched recursively) to calibrate on")
+    parser.add_argument("--calibration", default=None, help="a folder of images (searched recursively) to calibrate on")
+    parser.add_argument("--int8-export", default=None, help="an `spd export --int8` folder of the same model, measured "
+                                                             "instead of quantising --export here")
     parser.add_argument("--calibration-images", type=int, default=32, help="at most this many (default 32)")
     parser.add_argument("--images", nargs="*", default=[], help="images to measure the depth change on")
     parser.add_argument("--test-data", default=None, help="an NYU-layout dataset: abs_rel of both on its test split")
     parser.add_argument("--k", type=int, default=256, help="points per image, and the K of total(K) (default 256)")
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds (default 9)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
-    parser.add_argument("--out", required=True, help="output folder: int8_export/ and int8.json")
+    parser.add_argument("--quantize", choices=sorted(QUANTIZED_OPS), default="weights",  # when quantised here
+                        help="which nodes: " + "; ".join(f"{k}: {v}" for k, v in QUANTIZED_OPS.items()))
+    parser.add_argument("--out", required=True, help="output folder: int8.json (and int8_export/ when quantised here)")
     result = run(parser.parse_args(argv))
     print(json.dumps({key: result[key] for key in result if key not in ("cpu", "command")}, indent=2))
     return 0

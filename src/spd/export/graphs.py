@@ -27,14 +27,19 @@ from spd.models.spd import SPD
 
 
 class EncoderGraph(nn.Module):
-    """image (1, 3, H, W) ImageNet-normalised -> (table, global_keys, global_values)."""
+    """image (1, 3, H, W) ImageNet-normalised -> (table, global_keys, global_values).
 
-    def __init__(self, model: SPD) -> None:
+    `fold_grn=False` keeps every fc2's constant weight (GRN applied to the activation): the form an
+    int8 export quantises (`spd.models.paths.InferencePaths.grn_fold`)."""
+
+    def __init__(self, model: SPD, fold_grn: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.fold_grn = fold_grn
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        features = self.model.encode(image)
+        paths = self.model.inference_paths()
+        features = self.model.encode(image, paths if self.fold_grn else dataclasses.replace(paths, grn_fold=False))
         keys = torch.stack([k for k, _ in features.global_kv])
         values = torch.stack([v for _, v in features.global_kv])
         return features.table, keys, values

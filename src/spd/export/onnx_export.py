@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,13 +45,19 @@ def default_export_size(model: SPD) -> tuple[int, int]:
 
 def export_onnx(
     model: SPD, out_dir: str | Path, height: int, width: int, opset: int | None = None, dtype: str = "fp32",
-    source: str | None = None, any_scale: bool = False,
+    source: str | None = None, any_scale: bool = False, fold_grn: bool = True,
+    before_swap: Callable[[Path], None] | None = None,
 ) -> Path:
     """Writes `encoder.onnx`, `decoder.onnx` and `manifest.json` for images of height x width pixels.
 
     The graphs take one image size, so its long side must be the model's pixel scale
     (`spd.cameras.scale`: the model's depths are only metric there); `any_scale` lifts that for
     timing runs, whose depths nobody reads.
+
+    `fold_grn=False` exports the encoder with every fc2's constant weight (`InferencePaths.grn_fold`),
+    and `before_swap` is called with the new export's folder once it is written, before it replaces
+    `out_dir`: how `spd.export.int8.export_int8` quantises the encoder (a failure there leaves any
+    previous export untouched).
 
     Returns the manifest path. `source`: where the model came from (recorded in the manifest). The
     graphs are traced on the CPU in eval mode; `model` is left as it was given (device and every
@@ -74,7 +81,9 @@ def export_onnx(
     modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
     try:
-        _export_graphs(model.cpu().eval(), staging, height, width, opset, dtype, source)
+        _export_graphs(model.cpu().eval(), staging, height, width, opset, dtype, source, fold_grn)
+        if before_swap is not None:
+            before_swap(staging)
     except BaseException:  # Ctrl-C included: the previous export in `out`, if any, is untouched
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -98,9 +107,9 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 
 def _export_graphs(model: SPD, out: Path, height: int, width: int, opset: int | None, dtype: str,
-                   source: str | None) -> Path:
+                   source: str | None, fold_grn: bool = True) -> Path:
     image = torch.zeros(1, 3, height, width)
-    encoder, decoder = EncoderGraph(model), DecoderGraph(model, height, width)
+    encoder, decoder = EncoderGraph(model, fold_grn), DecoderGraph(model, height, width)
     count = 8  # example K; the graph's K is symbolic (any K >= 1)
     queries = torch.rand(1, count, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([width - 1.0, height - 1.0])
     mask = torch.ones(1, count, dtype=torch.bool)

@@ -19,7 +19,7 @@ from spd.models.precision import keep_fp32, low_precision_weight
 from spd.models.rows import product_in
 
 
-def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tensor:
+def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor, fold_grn: bool = True) -> torch.Tensor:
     """timm's `ConvNeXtBlock.forward` (eval mode, GRN MLP, no drop path) with GRN folded into `fc2`.
 
     GRN is `x + bias + weight * x * n`, with `n` (B, 4C) one number per image and channel, so it is
@@ -31,7 +31,8 @@ def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tens
     two non-innermost dims). Under bf16 autocast no activation or weight is cast on its own: values
     are written in the matmul's dtype by the op that makes them (`out=`). Both linears go through `spd.models.onednn.linear` (oneDNN on CPU, with
     fc1's GELU fused: twice MKL's fp32 speed on the AMD CPU measured). Same result up to float
-    rounding (tests: <= 1e-5 relative).
+    rounding (tests: <= 1e-5 relative). `fold_grn=False` scales the activation in every block, as the
+    fold's other branch does below: fc2 then keeps its constant weight (what int8 quantisers need).
 
     Shape: x (B, C, H, W) -> (B, C, H, W).
     """
@@ -48,7 +49,7 @@ def convnextv2_block_folded(block: ConvNeXtBlock, x: torch.Tensor) -> torch.Tens
     normalised = spatial_norm / (spatial_norm.mean(-1, keepdim=True) + mlp.grn.eps)
     scale = 1.0 + mlp.grn.weight * normalised  # (B, 4C)
     fc2_weight = mlp.fc2.weight.flatten(1)  # (C, 4C)
-    if x.shape[1] * x.shape[2] > fc2_weight.shape[0]:
+    if fold_grn and x.shape[1] * x.shape[2] > fc2_weight.shape[0]:
         x = _fc2_with_grn_folded(x, scale, fc2_weight, mlp)
     else:
         # Fewer positions than output channels (the last stage at NYU sizes): a pass over the
@@ -187,12 +188,13 @@ class Encoder(nn.Module):
             if isinstance(module, ConvNeXtStage):
                 module.grad_checkpointing = enable
 
-    def forward(self, images: torch.Tensor, folded: bool = False) -> list[torch.Tensor]:
+    def forward(self, images: torch.Tensor, folded: bool = False, fold_grn: bool = True) -> list[torch.Tensor]:
         """`folded` (inference only: the caller decides, see `SPD.inference_paths`) runs the blocks
-        through `convnextv2_block_folded` when every block supports it."""
-        return self.forward_folded(images) if folded and self.foldable else self.backbone(images)
+        through `convnextv2_block_folded` when every block supports it, with GRN folded into fc2 when
+        `fold_grn`."""
+        return self.forward_folded(images, fold_grn) if folded and self.foldable else self.backbone(images)
 
-    def forward_folded(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def forward_folded(self, images: torch.Tensor, fold_grn: bool = True) -> list[torch.Tensor]:
         """The same features as `self.backbone(images)` in eval mode, blocks run folded, in
         channels-last memory (the features come out channels-last): every block then permutes to
         and from its (B, H, W, C) MLP layout for free, and oneDNN's channels-last depthwise
@@ -202,7 +204,7 @@ class Encoder(nn.Module):
             if isinstance(module, ConvNeXtStage):
                 x = module.downsample(x)
                 for block in module.blocks:
-                    x = convnextv2_block_folded(block, x)
+                    x = convnextv2_block_folded(block, x, fold_grn)
             else:
                 x = module(x)
             if name in self.backbone.return_layers:

@@ -11,7 +11,11 @@ class InferencePaths:
     """Each fast path on (True) or its plain reference (False). All are exact rewrites (tests hold
     fast == reference) that need inference: no autograd, eval mode.
 
-    encoder: ConvNeXt V2 blocks with GRN folded into fc2 (`convnextv2_block_folded`).
+    encoder: ConvNeXt V2 blocks through `convnextv2_block_folded` (channels-last, fused GELU, GRN's
+        sum of squares in slices), with GRN folded into fc2 when `grn_fold`.
+    grn_fold: GRN folded into a per-image copy of fc2's weight (fastest in PyTorch and fp32 ONNX);
+        False applies GRN to the activation and keeps fc2's constant weight, which an int8 export needs
+        (its quantiser takes constant weights only: `spd export --int8`). Same numbers either way.
     decoder: gathers instead of `grid_sample` for MSDA, seed and canvas reads; in-place canvas.
     ldrm: LDRM's `local_feat` from its receptive field only (not the full 28x28 patch).
     """
@@ -19,6 +23,7 @@ class InferencePaths:
     encoder: bool = True
     decoder: bool = True
     ldrm: bool = True
+    grn_fold: bool = True
 
     @classmethod
     def reference(cls) -> "InferencePaths":

@@ -133,7 +133,7 @@ class SPD(nn.Module, PyTorchModelHubMixin, library_name="spd", tags=["depth-esti
             raise ValueError(f"images must be normalised floating-point tensors; got {images.dtype}")
         paths = self.inference_paths(paths)
         image_size = (images.shape[-2], images.shape[-1])
-        l1, l2, l3, l4 = self.neck(self.encoder(pad_image(images), folded=paths.encoder))
+        l1, l2, l3, l4 = self.neck(self.encoder(pad_image(images), folded=paths.encoder, fold_grn=paths.grn_fold))
         if self.l4_self_attn is not None:
             l4 = self.l4_self_attn(l4)
         proj_l3, proj_l4 = self.coarse_proj(l3, l4) if self.coarse_proj is not None else (l3, l4)

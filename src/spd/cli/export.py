@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's, 18 or newer)")
     p.add_argument("--int8", action="store_true",
                    help="quantise the encoder to int8 (ONNX Runtime static quantisation, calibrated on --calibration "
-                        "images; total(256) 1.55x faster on an AMD EPYC Zen 4, see docs/deployment.md); the decoder "
+                        "images; total(256) 1.64x faster on an AMD EPYC Zen 4, see docs/deployment.md); the decoder "
                         "stays fp32")
     p.add_argument("--calibration", default=None, metavar="DIR",
                    help="with --int8: a folder of typical images (.jpg / .png, searched recursively) of the export's "

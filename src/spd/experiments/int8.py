@@ -114,11 +114,9 @@ def pays(speedup: float, abs_rel_change: float | None) -> bool | None:
 
 def run(args: argparse.Namespace) -> dict:
     from spd.bench.machine import cpu_facts
-    from spd.export.runtime import OnnxPredictor
-
     from spd.errors import SPDError
     from spd.export.int8 import calibration_images
-    from spd.export.runtime import read_manifest
+    from spd.export.runtime import OnnxPredictor, read_manifest
 
     export, out = Path(args.export), Path(args.out)
     try:
@@ -152,6 +150,9 @@ def run(args: argparse.Namespace) -> dict:
         quantize_export(export, int8_dir, calibration, args.quantize)
     out.mkdir(parents=True, exist_ok=True)
     predictors = {"fp32": OnnxPredictor(export, threads=args.threads), "int8": OnnxPredictor(int8_dir, threads=args.threads)}
+    if predictors["fp32"].export_size != predictors["int8"].export_size:
+        raise SystemExit(f"spd: error: --int8-export {int8_dir} takes {predictors['int8'].export_size} images, --export "
+                         f"{export} {predictors['fp32'].export_size}: export both at one size to compare them")
     result: dict = {"command": " ".join(["python -m spd.experiments.int8", *sys.argv[1:]]), "cpu": cpu_facts(),
                     "threads": args.threads, "int8_export": str(int8_dir),
                     "quantization": read_manifest(int8_dir)["encoder_quantization"],

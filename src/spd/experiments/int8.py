@@ -63,18 +63,9 @@ def total_ms(predictors: dict, k: int, rounds: int, seed: int = 0) -> dict[str, 
 
 def depth_change(fp32, int8, images: list[Path], k: int) -> dict[str, float]:
     """Mean and max |int8 - fp32| / fp32 at a grid of about K points of each image."""
-    from spd.data.io import read_rgb
-    from spd.predictor import grid_points
+    from spd.export.runtime import relative_depth_change
 
-    changes = []
-    side = max(1, round(k**0.5))  # a side x side grid: about K points
-    for path in images:
-        rgb = read_rgb(path)
-        points = grid_points(side, *rgb.shape[:2])
-        reference = fp32.predict(rgb, points)
-        changes.append(np.abs(int8.predict(rgb, points) - reference) / reference)
-    values = np.concatenate(changes)
-    return {"mean": float(values.mean()), "max": float(values.max()), "images": len(images)}
+    return relative_depth_change(fp32, int8, images, grid=max(1, round(k**0.5)))
 
 
 def test_split_accuracy(predictors: dict, root: Path, k: int, seed: int = 0) -> dict[str, dict[str, float]]:

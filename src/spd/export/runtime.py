@@ -208,6 +208,21 @@ def check_export(model, folder: Path, points: int = 1000, seed: int = 0) -> floa
     return error
 
 
+def relative_depth_change(reference, other, images: list[Path], grid: int) -> dict[str, float]:
+    """Mean and max |other - reference| / reference over a grid x grid point grid of each image, for two
+    objects with the predictor interface (`predict(rgb, points)`), and the number of images."""
+    from spd.data.io import read_rgb
+
+    changes = []
+    for image in images:
+        rgb = read_rgb(image)
+        points = grid_points(grid, *rgb.shape[:2])
+        expected = reference.predict(rgb, points)
+        changes.append(np.abs(other.predict(rgb, points) - expected) / expected)
+    values = np.concatenate(changes)
+    return {"mean": float(values.mean()), "max": float(values.max()), "images": len(images)}
+
+
 INT8_MEAN_CHANGE_LIMIT = 0.05  # mean |int8 - fp32| / fp32 above this: a broken calibration, not rounding
 
 
@@ -216,17 +231,7 @@ def check_int8_export(model, folder: Path, images: list[Path], grid: int = 32) -
     PyTorch, at a grid x grid point grid of each image (the caller's calibration images: typical of
     what it will see). Raises ExportMismatch when the mean change is above 5 % (measured ~1 % on real
     NYU frames; a larger change means the calibration images do not cover the inputs)."""
-    from spd.data.io import read_rgb
-
-    onnx_predictor, reference_predictor = OnnxPredictor(folder), Predictor(model)
-    changes = []
-    for image in images:
-        rgb = read_rgb(image)
-        points = grid_points(grid, *rgb.shape[:2])
-        reference = reference_predictor.predict(rgb, points)
-        changes.append(np.abs(onnx_predictor.predict(rgb, points) - reference) / reference)
-    values = np.concatenate(changes)
-    result = {"mean": float(values.mean()), "max": float(values.max()), "images": len(images)}
+    result = relative_depth_change(Predictor(model), OnnxPredictor(folder), images, grid)
     if not result["mean"] <= INT8_MEAN_CHANGE_LIMIT:
         raise ExportMismatch(f"{folder}: the int8 encoder changes depths by {result['mean']:.1%} on average against fp32 "
                              f"on {len(images)} of your calibration images: calibrate on more, more typical images, "

@@ -158,3 +158,16 @@ def test_int8_check_fails_when_the_export_is_far_from_the_model(export_160):
     with pytest.raises(ExportMismatch, match="changes depths by .* on average") as caught:
         check_int8_export(other, export_160[1], [Path(FRAMES[0])], grid=8)
     assert caught.value.exit_code == 1
+
+
+def test_a_calibration_image_of_another_shape_is_named_in_one_line(export_160, tmp_path):
+    from PIL import Image
+
+    from spd.errors import UserInputError
+    from spd.export.int8 import encoder_input
+
+    square = tmp_path / "square.png"
+    Image.new("RGB", (100, 100)).save(square)
+    with pytest.raises(UserInputError, match=r"--calibration .*square.png: 100x100 has not the export's aspect ratio \(160x120\)"):
+        encoder_input(spd.OnnxPredictor(export_160[1]), square)
+    assert encoder_input(spd.OnnxPredictor(export_160[1]), FRAMES[0]).shape == (1, 3, 120, 160)

@@ -48,7 +48,15 @@ def encoder_input(predictor, image) -> np.ndarray:
 
     from spd.data.transforms import normalize_image
 
-    seen = predictor.prepare(str(image)).seen
+    from spd.data.io import read_rgb
+
+    rgb = read_rgb(image)
+    try:
+        seen = predictor.prepare(rgb).seen
+    except UserInputError:  # its message names the (staging) export folder; name the image instead
+        height, width = predictor.export_size
+        raise UserInputError(f"--calibration {image}: {rgb.shape[1]}x{rgb.shape[0]} has not the export's aspect ratio "
+                             f"({width}x{height}); calibrate on images shaped like the ones the export will see") from None
     return normalize_image(torch.from_numpy(np.ascontiguousarray(seen)).permute(2, 0, 1))[None].numpy()
 
 

@@ -12,6 +12,7 @@ from spd.models import onednn
 from spd.models.onednn import OneDNNLinears, linear, onednn_available, onednn_runs, takes_onednn
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this PyTorch build or CPU has no oneDNN linear kernel")
+SLOWER_THAN_F_LINEAR = onednn._slower_than_f_linear  # the rule itself, before the fixture below replaces it
 
 
 @pytest.fixture(autouse=True)
@@ -218,3 +219,24 @@ def test_below_avx512_fp32_takes_f_linear_quietly_as_the_faster_kernel(fresh_rou
         out, ran = ran_onednn(lambda: linear(x, weight, gelu=True))
     assert not ran
     torch.testing.assert_close(out, F.gelu(F.linear(x, weight)))
+
+
+@pytest.mark.parametrize("setting, capped", [
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, True), ({"ONEDNN_MAX_CPU_ISA": "sse41"}, True), ({"DNNL_MAX_CPU_ISA": "AVX2_VNNI"}, True),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, False), ({"ONEDNN_MAX_CPU_ISA": "ALL"}, False), ({}, False),
+])
+def test_a_onednn_capped_below_avx512_sends_fp32_to_f_linear(fresh_routing, setting, capped):
+    """oneDNN capped by its own setting while PyTorch still runs AVX-512 (what the issue-26 matrix
+    emulates): its fp32 inner product is the slower kernel there, so fp32 takes F.linear; bf16 is
+    decided by its own instruction check, untouched here."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        fresh_routing.delenv(name, raising=False)
+    for name, value in setting.items():
+        fresh_routing.setenv(name, value)
+    fresh_routing.setattr(onednn, "_avx512", lambda: True)
+    onednn._onednn_capped_below_avx512.cache_clear()
+    try:
+        assert SLOWER_THAN_F_LINEAR(torch.float32) is capped
+        assert SLOWER_THAN_F_LINEAR(torch.bfloat16) is False
+    finally:
+        onednn._onednn_capped_below_avx512.cache_clear()

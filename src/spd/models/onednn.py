@@ -18,7 +18,8 @@ PyTorch's oneDNN goes through ACL, where fused inner products have fallen back t
 not measured here, so not used), the instruction set oneDNN needs for bf16 (PyTorch's own check), and
 a tiny probe call that must run and agree with `F.linear`. An AVX2-only CPU (or
 `ONEDNN_MAX_CPU_ISA=AVX2`) has no bf16 inner product: bf16 then runs `F.linear` under autocast. Below
-AVX-512, fp32 runs `F.linear` too, because there MKL's sgemm is the faster kernel (measured). If a
+AVX-512 (the CPU's, PyTorch's or oneDNN's own cap), fp32 runs `F.linear` too, because there MKL's sgemm
+is the faster kernel (measured). If a
 call still fails, that dtype falls back to `F.linear` for the rest of the process, with one warning.
 SPD's decoder layers are `Linear`s; `OneDNNLinears` routes a third-party model's
 `nn.Linear` layers the same way: the Depth Anything baseline runs under it, so both models of
@@ -78,11 +79,28 @@ def _avx512() -> bool:
         return False
 
 
+@functools.cache
+def _onednn_capped_below_avx512() -> bool:
+    """Whether oneDNN's instruction set is capped below AVX-512 by its own setting
+    (`ONEDNN_MAX_CPU_ISA`, or the older `DNNL_MAX_CPU_ISA`, read once by oneDNN as it loads) while
+    PyTorch's kernels may still run AVX-512. PyTorch exposes no query for oneDNN's effective fp32
+    instruction set, so the setting is read as oneDNN documents it: AVX512_* and AVX10_* keep
+    AVX-512, ALL / DEFAULT / unset impose no cap, anything else (SSE41, AVX, AVX2, AVX2_VNNI...) is
+    below it."""
+    import os
+
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return bool(isa) and isa not in ("ALL", "DEFAULT") and not isa.startswith(("AVX512", "AVX10"))
+
+
 def _slower_than_f_linear(dtype: torch.dtype) -> bool:
     """Measured, not guessed: oneDNN's fp32 inner product runs 2.4x MKL's sgemm on an AVX-512 Zen 5
     (231 vs 95 GMAC/s) but 0.8x on an AVX2-only EPYC (70 vs 86 GMAC/s; SPD's encoder 12 % slower),
-    so below AVX-512 fp32 stays on F.linear. A speed choice, not a failure: no warning."""
-    return dtype == torch.float32 and not _avx512()
+    so below AVX-512 fp32 stays on F.linear. Below AVX-512 means PyTorch's capability or oneDNN's own
+    cap: on an AVX-512 Zen 4 with `ONEDNN_MAX_CPU_ISA=SSE41` oneDNN ran the encoder's first MLP layer
+    at 37 GMAC/s against F.linear's 90 (78 against 91 with `=AVX2`). A speed choice, not a failure:
+    no warning."""
+    return dtype == torch.float32 and (not _avx512() or _onednn_capped_below_avx512())
 
 
 @functools.cache

@@ -325,3 +325,22 @@ def test_ctrl_c_during_a_re_export_leaves_the_previous_export_whole(mistakes, mo
     assert (export / "manifest.json").read_text() == manifest
     assert not (root / ".onnx.partial").exists()
     spd.OnnxPredictor(export).predict(np.zeros((72, 96, 3), np.uint8), [[5, 5]])  # loads: checksums match
+
+
+def test_the_projects_warnings_are_one_line_and_other_libraries_keep_theirs(capsys):
+    import warnings as _warnings
+
+    from spd.cli import run_reporting_errors
+
+    def command():
+        _warnings.warn("spd: bf16 linear layers run F.linear:\n  prefer fp32", RuntimeWarning)
+        _warnings.warn("a third-party notice", UserWarning)
+        return 0
+
+    with _warnings.catch_warnings(record=True) as passed_on:  # what reaches Python's own handler
+        _warnings.simplefilter("always")
+        original = _warnings.showwarning
+        assert run_reporting_errors("spd predict", command) == 0
+        assert _warnings.showwarning is original  # restored after the command
+    assert capsys.readouterr().err == "spd predict: warning: bf16 linear layers run F.linear: prefer fp32\n"
+    assert [str(w.message) for w in passed_on] == ["a third-party notice"]  # Python's own form

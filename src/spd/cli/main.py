@@ -4,8 +4,11 @@ reporter every command (and `python -m spd.experiments.camera`) ends through."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
 from spd.allocator import SERVING_TRIM_THRESHOLD, TRIM_THRESHOLD, requested_setting, tune_cpu_allocator
 from spd.cli import ablate, bench, data, demo, evaluate, export, loadcheck, params, predict, serve, synth, train
@@ -60,7 +63,8 @@ def run_reporting_errors(name: str, func, debug: bool = False) -> int:
     """`func()`'s exit code; the project's errors end in one line `<name>: error: <message>` and their
     exit code, Ctrl-C in `<name>: interrupted` and 130. A bug keeps its traceback."""
     try:
-        return func()
+        with contextlib.nullcontext() if debug else one_line_warnings(name):
+            return func()
     except SPDError as err:
         if debug:
             raise
@@ -72,3 +76,26 @@ def run_reporting_errors(name: str, func, debug: bool = False) -> int:
             raise
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+@contextlib.contextmanager
+def one_line_warnings(name: str):
+    """The project's own warnings (raised from its files, or saying `spd: ...`) shown as one line
+    `<name>: warning: <message>`, not Python's file:line form with a source line under it. Other
+    libraries' warnings keep their form. (Not under --debug / SPD_DEBUG=1.)"""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        if not (str(filename).startswith(_PACKAGE) or text.startswith("spd: ")):
+            return original(message, category, filename, lineno, file, line)
+        print(f"{name}: warning: {text.removeprefix('spd: ')}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original

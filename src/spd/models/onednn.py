@@ -19,8 +19,8 @@ not measured here, so not used), the instruction set oneDNN needs for bf16 (PyTo
 a tiny probe call that must run and agree with `F.linear`. An AVX2-only CPU (or
 `ONEDNN_MAX_CPU_ISA=AVX2`) has no bf16 inner product: bf16 then runs `F.linear` under autocast. Below
 AVX-512 (the CPU's, PyTorch's or oneDNN's own cap), fp32 runs `F.linear` too, because there MKL's sgemm
-is the faster kernel (measured). If a
-call still fails, that dtype falls back to `F.linear` for the rest of the process, with one warning.
+is the faster kernel (measured). If a call still fails, that dtype falls back to `F.linear` for the rest
+of the process, with one warning.
 SPD's decoder layers are `Linear`s; `OneDNNLinears` routes a third-party model's
 `nn.Linear` layers the same way: the Depth Anything baseline runs under it, so both models of
 `spd bench` run the same GEMM kernels.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import platform
 import warnings
 
@@ -87,8 +88,6 @@ def _onednn_capped_below_avx512() -> bool:
     instruction set, so the setting is read as oneDNN documents it: AVX512_* and AVX10_* keep
     AVX-512, ALL / DEFAULT / unset impose no cap, anything else (SSE41, AVX, AVX2, AVX2_VNNI...) is
     below it."""
-    import os
-
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
     return bool(isa) and isa not in ("ALL", "DEFAULT") and not isa.startswith(("AVX512", "AVX10"))
 

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch 2.14.1 / torchvision 0.29.1 match each other; any torch >= 2.4 with its torchvision works.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all demo clean gpu-check camera-experiment
+.PHONY: install test test-all demo clean gpu-check camera-experiment distill-experiment
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: install
 # a 1.5x lens; about 16 min on a 2-core CPU. Results in camera_out/camera_experiment.json.
 camera-experiment: install
 	$(BIN)/python -m spd.experiments.camera --out camera_out
+
+# Distillation measured (docs/distillation.md): a dense-control teacher on labelled rooms, v15-tiny
+# students on its pseudo-labels of other rooms; about 45 min on a 2-core CPU. distill_out/distill_experiment.json.
+distill-experiment: install
+	$(BIN)/python -m spd.experiments.distill --out distill_out
 
 # The checks that need a GPU (cuda tests, bench on cuda, 50-step bf16 v15 training); figures to docs/gpu/.
 # Without CUDA it says so and exits 0. Uses .venv if present, else the machine's python3.

@@ -171,3 +171,37 @@ def test_a_calibration_image_of_another_shape_is_named_in_one_line(export_160, t
     with pytest.raises(UserInputError, match=r"--calibration .*square.png: 100x100 has not the export's aspect ratio \(160x120\)"):
         encoder_input(spd.OnnxPredictor(export_160[1]), square)
     assert encoder_input(spd.OnnxPredictor(export_160[1]), FRAMES[0]).shape == (1, 3, 120, 160)
+
+
+def test_a_failed_int8_check_leaves_the_previous_export_as_it_was(export_160, synth_root, tmp_path, monkeypatch, capsys):
+    """Issue 46: the export's own check runs on the new folder before it replaces --out, so a check that
+    fails (here: a bound no int8 encoder meets) leaves the previous export byte for byte and loadable."""
+    import hashlib
+    import shutil
+
+    from spd.cli.main import main
+    from spd.export import runtime
+
+    out = tmp_path / "onnx"
+    shutil.copytree(export_160[1], out)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+    monkeypatch.setattr(runtime, "INT8_MEAN_CHANGE_LIMIT", 0.0)
+    code = main(["export", "--model", str(export_160[0]), "--out", str(out), "--int8", "--calibration",
+                 str(synth_root / "sync"), "--calibration-images", "2"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(error) == 1 and f"{out}: the int8 encoder changes depths" in error[0]
+    assert "held-out" in error[0] and "is unchanged" in error[0]
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())} == before
+    assert not list(tmp_path.glob(".onnx.*"))  # no staging folder left behind
+    assert spd.OnnxPredictor(out).predict(FRAMES[0], [[10.0, 20.0]]).shape == (1,)
+
+
+def test_int8_check_images_are_held_out_of_the_calibration():
+    from spd.errors import UserInputError
+    from spd.export.int8 import split_calibration
+
+    images = [Path(f"{i}.jpg") for i in range(10)]
+    assert split_calibration(images, 6) == (images[:6], images[6:10])
+    assert split_calibration(images[:5], 6) == (images[:4], images[4:])  # a small folder: a fifth held out
+    with pytest.raises(UserInputError, match="at least 2"):
+        split_calibration(images[:1], 6)

@@ -181,6 +181,7 @@ def test_features_copied_out_of_a_cuda_graph_are_whole_and_separate(tiny_model):
     """`copy_tensors` (what a compiled predictor on CUDA applies to the encoder's outputs, whose memory
     the graph's next replay overwrites): every tensor copied, nothing shared, the same depths."""
     from spd.predictor import copy_tensors
+    from spd.serve.cache import nbytes
 
     images, queries = torch.randn(1, 3, 64, 96), torch.tensor([[[3.0, 4.0], [90.0, 60.0]]])
     with torch.inference_mode():
@@ -191,3 +192,7 @@ def test_features_copied_out_of_a_cuda_graph_are_whole_and_separate(tiny_model):
         assert copied.msda_values[0][0].data_ptr() != features.msda_values[0][0].data_ptr()
         assert copied.layout == features.layout
         torch.testing.assert_close(tiny_model.decode(copied, queries), tiny_model.decode(features, queries), rtol=0, atol=0)
+        # one copy of each storage, views rebuilt on it: no larger than what it copies (issue 46: was 3.8x)
+        assert nbytes(copied) == nbytes(features)
+        assert copied.l1.untyped_storage().data_ptr() == copied.table.untyped_storage().data_ptr()  # still a view
+        assert nbytes([features, copied]) == 2 * nbytes(features)  # and shares no storage with it

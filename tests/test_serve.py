@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -80,6 +81,17 @@ def test_empty_point_list_is_an_empty_answer(predictor):
     assert answer.json()["depth_m"] == []
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+
+
+def _tiff() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
 BAD_REQUESTS = [
     ("garbage upload", lambda c, i: c.post("/v1/depth", files={"image": ("x.jpg", b"not an image", "image/jpeg")},
                                            data={"points": "[[1, 1]]"}), 400, "unreadable image"),
@@ -109,6 +121,15 @@ BAD_REQUESTS = [
         headers={"content-type": "application/json"}), 400, "nested too deeply"),
     ("form points nested 100,000 deep", lambda c, i: c.post(
         "/v1/depth", files=_upload(), data={"points": "[" * 100_000 + "]" * 100_000}), 400, "nested too deeply"),
+    ("5,000-digit integer in the body", lambda c, i: c.post(
+        "/v1/depth", content=f'{{"image_id": "{i}", "points": [[1{"0" * 5000}, 1]]}}',
+        headers={"content-type": "application/json"}), 400, "number too large"),
+    ("5,000-digit integer in a form field", lambda c, i: c.post(
+        "/v1/depth", files=_upload(), data={"points": f'[[1{"0" * 5000}, 1]]'}), 400, "number too large"),
+    ("EPS upload", lambda c, i: c.post("/v1/encode", files={"image": ("x.eps", EPS, "application/postscript")}),
+     415, "EPS / PostScript uploads are not accepted"),
+    ("TIFF upload", lambda c, i: c.post("/v1/encode", files={"image": ("x.tif", _tiff(), "image/tiff")}),
+     415, "TIFF uploads are not accepted"),
     ("intrinsics out of range", lambda c, i: c.post(
         "/v1/depth", json={"image_id": i, "points": [[1, 1]], "intrinsics": [1e41, 1e41, 320, 240]}), 400, "not finite"),
 ]
@@ -117,11 +138,22 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("name, request_, status, message", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_requests_get_a_4xx_naming_the_problem(predictor, name, request_, status, message):
     client = _client(predictor, limits=Limits(max_upload_bytes=2000 if name == "oversized upload" else 20 * 2**20,
-                                              max_points=65_536 if "nested" in name else 10))  # JSON limit ~ points
+                                              max_points=65_536 if ("nested" in name or "digit" in name) else 10))  # JSON limit ~ points
     image_id = None if name == "oversized upload" else client.post("/v1/encode", files=_upload()).json()["image_id"]
     answer = request_(client, image_id)
     assert answer.status_code == status, answer.text
     assert message in answer.json()["detail"]
+
+
+def test_an_eps_upload_never_reaches_pillows_postscript_plugin(predictor, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    reached = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: reached.append("open"))
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: reached.append("ghostscript"))
+    answer = _client(predictor).post("/v1/depth", files={"image": ("x.eps", EPS, "image/jpeg")},
+                                     data={"points": "[[1, 1]]"})
+    assert answer.status_code == 415 and "EPS" in answer.json()["detail"] and not reached
 
 
 def test_expired_image_id_is_refused(predictor):

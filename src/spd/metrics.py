@@ -16,6 +16,12 @@ import math
 import numpy as np
 import torch
 
+from spd.errors import DataLayoutError
+
+class NoValidGroundTruth(DataLayoutError):
+    """An evaluation found no valid ground-truth pixel in any image."""
+
+
 METRIC_NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
 LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
 
@@ -89,8 +95,10 @@ class MetricAccumulator:
         self.sums, self.count, self.skipped = values[:-2], int(round(values[-2])), int(round(values[-1]))
 
     def compute(self) -> dict[str, float]:
-        if self.count == 0:
-            raise ValueError("no image had a valid ground-truth pixel; nothing to average")
+        if self.count == 0:  # a label-content problem, reported in one line (DataLayoutError is a ValueError)
+            raise NoValidGroundTruth(f"none of the {self.skipped} evaluated images had a ground-truth label inside the "
+                                     "evaluation depth range: nothing to average (check the labels' unit, e.g. a "
+                                     "description's depth_scale, and --min-depth / --max-depth)")
         return {name: float(v) for name, v in zip(METRIC_NAMES, self.sums / self.count)}
 
 

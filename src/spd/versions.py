@@ -9,20 +9,21 @@ from __future__ import annotations
 
 from importlib import metadata
 
+from packaging.version import InvalidVersion, Version
+
 from spd.errors import UserInputError
 
 FLOORS = {"torch": "2.8", "torchvision": "0.23", "timm": "1.0"}
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """'2.14.1+cu130' -> (2, 14, 1); pre-release tags dropped."""
-    parts = []
-    for piece in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
+def _release(version: str) -> Version:
+    """'2.14.1+cu130' -> Version('2.14.1+cu130'), compared as pip compares (`packaging.version`): a
+    pre-release sorts below its release ('0.22rc9' < '0.22' < '0.23'); a local tag ('+cu130') is a
+    build of its release. An unparsable string compares as 0 (too old), never as a pass."""
+    try:
+        return Version(version)
+    except InvalidVersion:
+        return Version("0")
 
 
 def too_old(installed: dict[str, str] | None = None) -> list[str]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from spd.data.io import NYU_FOCAL
+from spd.cameras.nyu import NYU_FOCAL
 
 DEFAULT_CANONICAL_FOCAL = NYU_FOCAL  # pixels: NYU Depth V2's fx at 640x480
 

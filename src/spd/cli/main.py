@@ -11,11 +11,11 @@ import warnings
 from pathlib import Path
 
 from spd.allocator import SERVING_TRIM_THRESHOLD, TRIM_THRESHOLD, requested_setting, tune_cpu_allocator
-from spd.cli import ablate, bench, data, demo, evaluate, export, loadcheck, params, predict, serve, synth, train
+from spd.cli import ablate, bench, data, demo, distill, evaluate, export, loadcheck, params, predict, serve, synth, train
 from spd.errors import SPDError
 from spd.versions import require_supported_versions
 
-COMMANDS = (params, train, evaluate, predict, export, serve, loadcheck, demo, bench, ablate, synth, data)  # `spd --help` order
+COMMANDS = (params, train, evaluate, predict, export, serve, loadcheck, demo, bench, ablate, synth, data, distill)  # `spd --help` order
 # The commands that run a model for answers: glibc's malloc is tuned for them (spd.allocator), never
 # for training or the data tools (DataLoader workers would inherit it and each keep its freed memory).
 INFERENCE_COMMANDS = {"predict", "eval", "bench", "serve", "export"}

@@ -80,10 +80,15 @@ class LossConfig:
     patch_weight: float = 0.3
     silog_lambda: float = 0.5
     dense_weight: float = 1.0  # dense models only (baseline, dense control): SILog of the full map, beside the sparse term
+    # Share of each image's labelled entries with the largest log error left out of every SILog term
+    # (Depth Anything's trick against a teacher's pseudo-label mistakes). 0 = off: measured on the
+    # distillation study (docs/distillation.md) before any recipe turns it on.
+    trim_fraction: float = 0.0
 
     RULES: ClassVar[dict[str, Rule]] = {
         "canvas_weight": (non_negative, ">= 0"), "patch_weight": (non_negative, ">= 0"),
         "silog_lambda": (unit_interval, "in [0, 1]"), "dense_weight": (non_negative, ">= 0"),
+        "trim_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     }
 
 

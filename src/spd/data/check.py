@@ -50,6 +50,10 @@ class CheckReport:
 
 
 PLAUSIBLE_MEDIAN_M = (0.05, 100.0)  # a scene's median depth outside this is a unit mistake, not a scene
+# Labels are measurements a user meant to train on: when under this share of them lies inside the
+# training range, the unit is wrong even if the median looks like a scene (`depth_scale: 100` over
+# millimetre PNGs: median 31 m, 0.2 % inside (0.1, 10] m). NYU's raw Kinect labels: ~100 %.
+MIN_IN_RANGE_SHARE = 0.10
 
 
 def label_values(depth: np.ndarray | None, points: np.ndarray | None) -> np.ndarray:
@@ -76,6 +80,10 @@ def label_unit_problem(report: CheckReport, units: str, min_depth: float, max_de
     if not low <= median <= high:
         return (f"the labels' median depth is {median:.4g} m, implausible for a scene (expected {low} to {high} m): "
                 f"check {units}")
+    share = report.labels_in_range / max(report.labels_total, 1)
+    if share < MIN_IN_RANGE_SHARE:
+        return (f"only {share:.1%} of the labels lie in ({min_depth}, {max_depth}] m (median {median:.4g} m; a correct "
+                f"unit puts most of them there): check {units}")
     return None
 
 
@@ -181,9 +189,9 @@ def check_description(path: str | Path, min_depth: float = 1e-3, max_depth: floa
     return report
 
 
-def check_training_labels(dataset, min_depth: float, max_depth: float, count: int = 8) -> None:
-    """The unit check of `spd data check` on `count` frames spread over a training set (each part of a
-    mixed one): DataLayoutError naming the likely cause, before the first step."""
+def check_training_labels(dataset, min_depth: float, max_depth: float, count: int = 8, what: str = "training") -> None:
+    """The unit check of `spd data check` on `count` frames spread over a training (or validation) set,
+    each part of a mixed one: DataLayoutError naming the likely cause, before the first step."""
     from spd.errors import DataLayoutError
 
     for part in getattr(dataset, "parts", [dataset]):
@@ -195,4 +203,4 @@ def check_training_labels(dataset, min_depth: float, max_depth: float, count: in
                  if hasattr(part, "description") else "the depth PNGs' unit (read as millimetres)")
         problem = label_unit_problem(report, units, min_depth, max_depth)
         if problem is not None:
-            raise DataLayoutError(f"training labels, {len(report.label_medians)} frames sampled: {problem}")
+            raise DataLayoutError(f"{what} labels, {len(report.label_medians)} frames sampled: {problem}")

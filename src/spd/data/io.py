@@ -7,10 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from spd.cameras.nyu import NYU_FOCAL, NYU_INTRINSICS  # noqa: F401 - the dataset's camera, re-exported
 from spd.errors import DataLayoutError
-
-NYU_FOCAL = 518.8579  # pixels, NYU Depth V2 Kinect RGB camera (fx)
-NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)  # fx, fy, cx, cy in pixels
 
 
 class DataError(DataLayoutError):

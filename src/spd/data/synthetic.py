@@ -11,6 +11,7 @@ on (seed, split, i), so the output is deterministic whatever the worker count.
 Layout (like BTS NYU):
     OUT/sync/<scene>/rgb_00000.jpg, sync_depth_00000.png     + OUT/train_files.txt (relative to OUT/sync)
     OUT/official_splits/test/<scene>/...                       + OUT/test_files.txt (relative to OUT/official_splits/test)
+    OUT/train_images.txt: the training RGB files alone (relative to OUT), as unlabelled images
 """
 
 from __future__ import annotations
@@ -245,6 +246,8 @@ def generate(
     (out / "train_files.txt").write_text("".join(line + "\n" for line in lines[:n_train]))
     (out / "test_files.txt").write_text("".join(line + "\n" for line in lines[n_train:]))
     write_descriptions(out, lines[:n_train], lines[n_train:], camera, sparse, seed)
+    # The RGB files alone, relative to OUT: unlabelled images for `spd distill label --images`
+    (out / "train_images.txt").write_text("".join(f"{TRAIN_DIR}/{line.split()[0].lstrip('/')}\n" for line in lines[:n_train]))
     return out
 
 

@@ -24,7 +24,9 @@ def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYU
     d, e = cfg.data, cfg.eval
     train = training_set(root, cfg)
     if d.mix:
-        train = MixedDataset([train, *(training_set(Path(entry["dataset"]), cfg) for entry in d.mix)])
+        parts = [train, *(training_set(Path(entry["dataset"]), cfg) for entry in d.mix)]
+        check_one_pixel_scale(parts, [str(root), *(str(entry["dataset"]) for entry in d.mix)])
+        train = MixedDataset(parts)
     if is_description(root):  # your own data: validation on the description's `val_list`
         description = (train.parts[0] if d.mix else train).description
         if not description.val_frames:
@@ -37,6 +39,18 @@ def resolve_data(cfg: TrainConfig, data_root: str | Path) -> tuple[NYUDepth, NYU
         min_depth=e.min_depth, max_depth=e.max_depth, seed=e.seed, eval_crop=e.crop,
     )
     return train, val
+
+
+def check_one_pixel_scale(parts: list, names: list[str]) -> None:
+    """Mixed sets must share one image size: a model is metric at the pixel scale it trained at and
+    records one (`spd.engine.train.record_pixel_scale`), so 96x128 frames beside 192x256 ones would
+    teach two scales and record either. ConfigError naming every set and its size, before training.
+    Each set's first frame stands for it (`spd data check` holds a set to one size)."""
+    sizes = [tuple(part.load(0)[0].shape[:2]) for part in parts]
+    if len(set(sizes)) > 1:
+        listed = ", ".join(f"{name} {w}x{h}" for name, (h, w) in zip(names, sizes))
+        raise ConfigError(f"data.mix: the mixed sets' images differ in size ({listed}): a model is metric at one pixel "
+                          "scale, so resize the sets to one size first (e.g. `spd distill label` on resized images)")
 
 
 def _no_validation(source, every_steps: int) -> None:

@@ -74,9 +74,10 @@ class Session:
 def compute_losses(model: torch.nn.Module, out: dict, batch: dict, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """SPD's losses (sparse + canvas + LDRM patches) or the baseline's (sparse + dense)."""
     if not isinstance(model, SPD):
-        return baseline_losses(out, batch, cfg.loss.dense_weight, cfg.loss.silog_lambda)
+        return baseline_losses(out, batch, cfg.loss.dense_weight, cfg.loss.silog_lambda, cfg.loss.trim_fraction)
     origin = model.ldrm_patch_origin(batch["queries"]) if model.ldrm is not None else None
-    return spd_losses(out, batch, origin, cfg.loss.canvas_weight, cfg.loss.patch_weight, cfg.loss.silog_lambda)
+    return spd_losses(out, batch, origin, cfg.loss.canvas_weight, cfg.loss.patch_weight, cfg.loss.silog_lambda,
+                      cfg.loss.trim_fraction)
 
 
 def train_step(session: Session, batches, state: TrainState) -> dict[str, torch.Tensor]:

@@ -92,7 +92,7 @@ def init_weights_from(model: torch.nn.Module, folder: str) -> dict:
 def record_pixel_scale(model: torch.nn.Module, train_set) -> None:
     """An SPD model (or dense control) without an explicit `image_long_side` records its training frames' long side, so
     that every later use feeds images at this pixel scale (spd.cameras.scale). Read from the first
-    training frame (mixed sets share one size); a crop does not change the pixel scale."""
+    training frame (mixed sets share one size: `check_one_pixel_scale` refused any other); a crop does not change the pixel scale."""
     if not isinstance(model, (SPD, DenseControl)) or model.config.image_long_side is not None:
         return
     first = train_set.parts[0] if hasattr(train_set, "parts") else train_set
@@ -111,6 +111,8 @@ def build_session(cfg: TrainConfig, data_root: str | Path, run_dir: Path, info: 
     """Seeds, model, data, optimiser, schedule and the run folder's logger, wired together."""
     train_set, val_set = resolve_data(cfg, data_root)
     check_training_labels(train_set, cfg.data.min_depth, cfg.data.max_depth)  # a unit mistake: refused before step 1
+    if val_set is not None:
+        check_training_labels(val_set, cfg.eval.min_depth, cfg.eval.max_depth, what="validation")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     random.seed(cfg.seed)

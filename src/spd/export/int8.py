@@ -84,13 +84,32 @@ def matmuls_without_constant_weight(model) -> list[str]:
             and (node.input[1] not in constants or node.input[0] in constants)]
 
 
-def export_int8(model, out_dir: str | Path, height: int, width: int, calibration: list[Path], **export_args) -> Path:
+def export_int8(model, out_dir: str | Path, height: int, width: int, calibration: list[Path],
+                check=None, **export_args) -> Path:
     """`spd.export.onnx_export.export_onnx` with an int8 encoder: exported with GRN unfolded, then
-    quantised on `calibration` images before the folder is swapped in. Returns the manifest path."""
+    quantised on `calibration` images and, when given, `check(folder)`ed before the folder is swapped
+    in (a failed check leaves the previous export as it was). Returns the manifest path."""
     from spd.export.onnx_export import export_onnx
 
-    return export_onnx(model, out_dir, height, width, fold_grn=False,
-                       before_swap=lambda folder: quantize_encoder(folder, calibration), **export_args)
+    def quantize_and_check(folder: Path) -> None:
+        quantize_encoder(folder, calibration)
+        if check is not None:
+            check(folder)
+
+    return export_onnx(model, out_dir, height, width, fold_grn=False, before_swap=quantize_and_check, **export_args)
+
+
+def split_calibration(images: list[Path], calibrate: int, check: int = 4) -> tuple[list[Path], list[Path]]:
+    """(calibration images, held-out check images): the first `calibrate` calibrate and up to `check`
+    after them are held out; a folder with no more than `calibrate` images gives a fifth of them (at
+    least one) to the check. UserInputError for a single image: nothing would be left to check on."""
+    if len(images) < 2:
+        raise UserInputError(f"--calibration: {len(images)} image; int8 needs at least 2 (one is held out to check "
+                             "the export on an image it was not calibrated on)")
+    if len(images) > calibrate:
+        return images[:calibrate], images[calibrate:calibrate + check]
+    held_out = max(1, len(images) // 5)
+    return images[:-held_out], images[-held_out:]
 
 
 def quantize_encoder(export: Path, calibration: list[Path], ops: str = "weights") -> None:

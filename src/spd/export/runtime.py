@@ -190,10 +190,10 @@ def _session(ort, path: Path, options, providers):
         raise CheckpointError(f"{path}: ONNX Runtime cannot load it ({str(err).splitlines()[0][:200]})") from err
 
 
-def check_export(model, folder: Path, points: int = 1000, seed: int = 0) -> float:
+def check_export(model, folder: Path, points: int = 1000, seed: int = 0, name: str | Path | None = None) -> float:
     """Max relative depth difference between ONNX Runtime (the export in `folder`) and PyTorch on a
     random image at `points` random points, decoded in the predictor's chunks. Raises ExportMismatch
-    above 1e-3 (fp32 graphs agree to ~1e-5)."""
+    above 1e-3 (fp32 graphs agree to ~1e-5), naming the export `name` (default `folder`)."""
     onnx_predictor = OnnxPredictor(folder)
     height, width = onnx_predictor.export_size
     rng = np.random.default_rng(seed)
@@ -203,7 +203,7 @@ def check_export(model, folder: Path, points: int = 1000, seed: int = 0) -> floa
     exported = onnx_predictor.predict(image, where)
     error = float(np.max(np.abs(exported - reference) / np.abs(reference)))
     if not error <= 1e-3:
-        raise ExportMismatch(f"{folder}: ONNX Runtime depths differ from PyTorch by up to {error:.1e} (relative): "
+        raise ExportMismatch(f"{name or folder}: ONNX Runtime depths differ from PyTorch by up to {error:.1e} (relative): "
                              "the exported graphs are wrong; please report it")
     return error
 
@@ -226,16 +226,18 @@ def relative_depth_change(reference, other, images: list[Path], grid: int) -> di
 INT8_MEAN_CHANGE_LIMIT = 0.05  # mean |int8 - fp32| / fp32 above this: a broken calibration, not rounding
 
 
-def check_int8_export(model, folder: Path, images: list[Path], grid: int = 32) -> dict[str, float]:
+def check_int8_export(model, folder: Path, images: list[Path], grid: int = 32,
+                      name: str | Path | None = None) -> dict[str, float]:
     """Mean and max relative depth change of an int8 export (ONNX Runtime) against the fp32 model in
-    PyTorch, at a grid x grid point grid of each image (the caller's calibration images: typical of
-    what it will see). Raises ExportMismatch when the mean change is above 5 % (measured ~1 % on real
-    NYU frames; a larger change means the calibration images do not cover the inputs)."""
+    PyTorch, at a grid x grid point grid of each image (images of the caller's calibration folder held
+    out from the calibration: typical of what it will see, and not what the scales were fitted to).
+    Raises ExportMismatch, naming the export `name` (default `folder`), when the mean change is above
+    5 % (measured ~1 % on real NYU frames; a larger change means the calibration does not cover the inputs)."""
     result = relative_depth_change(Predictor(model), OnnxPredictor(folder), images, grid)
     if not result["mean"] <= INT8_MEAN_CHANGE_LIMIT:
-        raise ExportMismatch(f"{folder}: the int8 encoder changes depths by {result['mean']:.1%} on average against fp32 "
-                             f"on {len(images)} of your calibration images: calibrate on more, more typical images, "
-                             "or export fp32")
+        raise ExportMismatch(f"{name or folder}: the int8 encoder changes depths by {result['mean']:.1%} on average "
+                             f"against fp32 on {len(images)} held-out images of your calibration folder: calibrate on "
+                             "more, more typical images, or export fp32")
     return result
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spd.data.io import NYU_FOCAL
+from spd.cameras.nyu import NYU_FOCAL
 from spd.geometry.coords import pixel_to_grid
 from spd.geometry.validation import validate_queries
 from spd.models.onednn import OneDNNLinears, takes_onednn

@@ -199,6 +199,8 @@ async def _depth_request(request: Request, limits: Limits) -> tuple[dict, bytes 
             raise _bad(400, f"request body is not valid JSON ({err})") from None
         except RecursionError:  # json's recursive parser: nesting beyond Python's recursion limit
             raise _bad(400, "request body is JSON nested too deeply") from None
+        except ValueError as err:  # an integer of over 4,300 digits: Python's int limit, not a JSON error
+            raise _bad(400, f"request body holds a number too large to read ({_first_words(err)})") from None
         if not isinstance(body, dict):
             raise _bad(400, "JSON body must be an object {image_id, points | grid, intrinsics?}")
         return body, None
@@ -222,6 +224,12 @@ def _json_field(name: str, text: str) -> Any:
         raise _bad(400, f"form field {name!r} is not valid JSON: {text[:80]!r}") from None
     except RecursionError:
         raise _bad(400, f"form field {name!r} is JSON nested too deeply") from None
+    except ValueError as err:  # an integer of over 4,300 digits (Python's int limit)
+        raise _bad(400, f"form field {name!r} holds a number too large to read ({_first_words(err)})") from None
+
+
+def _first_words(err: Exception) -> str:
+    return " ".join(str(err).split())[:100]
 
 
 def _encode_and_cache(state: ServerState, prepared: PreparedImage) -> tuple[str | None, ImageFeatures, float]:

@@ -41,7 +41,7 @@ def decode_for_model(data: bytes, model_size, max_pixels: int, draft: bool = Tru
     if not data:
         raise ImageRefused(400, "the 'image' file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _open_allowed(data) as image:
             if image.width * image.height > max_pixels:
                 raise ImageRefused(413, f"image of {image.width}x{image.height} pixels exceeds the limit of "
                                         f"{max_pixels} pixels (spd serve --max-image-pixels)")
@@ -61,6 +61,26 @@ def decode_for_model(data: bytes, model_size, max_pixels: int, draft: bool = Tru
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageRefused(400, f"unreadable image ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+
+
+# Uploads are decoded by these Pillow plugins only: the formats cameras and browsers send. Every other
+# plugin stays unreached by a client's bytes (EPS would run Ghostscript on them, where installed).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+# How a refused upload is named in its 415, from its first bytes (no plugin opens it)
+_SIGNATURES = ((b"%!PS", "EPS / PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"II*\x00", "TIFF"),
+               (b"MM\x00*", "TIFF"), (b"GIF8", "GIF"), (b"BM", "BMP"), (b"\x00\x00\x01\x00", "ICO"),
+               (b"8BPS", "PSD"), (b"<?xml", "SVG / XML"), (b"<svg", "SVG"), (b"\x00\x00\x00\x0cjP", "JPEG 2000"))
+
+
+def _open_allowed(data: bytes) -> Image.Image:
+    """`Image.open` trying only ALLOWED_FORMATS' plugins; ImageRefused 415 naming a known other format."""
+    try:
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        named = next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+        if named is not None:
+            raise ImageRefused(415, f"{named} uploads are not accepted: send JPEG, PNG or WebP") from None
+        raise
 
 
 def _orientation(image: Image.Image) -> int:

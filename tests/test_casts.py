@@ -31,8 +31,10 @@ def v15():
 
 
 def test_bf16_predictor_casts_within_budget_at_480x640(v15):
-    """v15 at 480x640, K = 256: <= 40 conversions per encode (147 before) and <= 10 per decode (40 before):
-    the weights are bf16 once, and values are written in the dtype the next matmul reads (`out=`)."""
+    """v15 at 480x640, K = 256: the code makes 2 conversions per encode (the image to bf16 and the
+    features' table back; 147 before issue 28) and 9 per decode (40 before): the weights are bf16 once,
+    and values are written in the dtype the next matmul reads (`out=`). Bound: what it achieves plus
+    one (measured on an AMD Zen 4 with avx512_bf16), so one new per-layer cast fails the test."""
     from spd.models import onednn
 
     onednn.kernel_problem.cache_clear()  # as in a fresh process: the kernel routing's probe runs again
@@ -43,9 +45,9 @@ def test_bf16_predictor_casts_within_budget_at_480x640(v15):
         features = predictor.encode(image)
     with count_casts() as first_decode:
         predictor.decode(features, points)
-    assert first_encode.count <= 40 and first_decode.count <= 10, (first_encode.count, first_decode.count)
+    assert first_encode.count <= 3 and first_decode.count <= 10, (first_encode.count, first_decode.count)
     casts = predictor_casts(predictor, image, points)
-    assert casts["encode"] <= 40, casts
+    assert casts["encode"] <= 3, casts
     assert casts["decode"] <= 10, casts
 
 

@@ -81,6 +81,14 @@ def test_spd_export_int8_quantises_every_mlp_matmul_and_checks_itself(int8_expor
     reference, quantised = fp32.predict(FRAMES[0], points), int8.predict(FRAMES[0], points)
     assert np.all(np.isfinite(quantised)) and np.all(quantised > 0)
     assert not np.array_equal(reference, quantised)  # int8 really runs
+    # ... and stays accurate on a real frame it was not calibrated on (synthetic rooms calibrated it):
+    # the command's own bound on the mean change, on 256 grid points
+    from spd.export.runtime import INT8_MEAN_CHANGE_LIMIT
+    from spd.predictor import grid_points
+
+    grid = grid_points(16, 480, 640)
+    change = np.abs(int8.predict(FRAMES[0], grid) / fp32.predict(FRAMES[0], grid) - 1)
+    assert change.mean() <= INT8_MEAN_CHANGE_LIMIT and np.isfinite(change).all(), (change.mean(), change.max())
 
 
 def test_int8_experiment_quantises_the_encoder_and_measures_it_against_fp32(export_160, synth_root, tmp_path):

@@ -409,8 +409,9 @@ def blocked_prefix_canvas_sum(query: torch.Tensor, weight: torch.Tensor, through
                               written: torch.Tensor, block: int = PREFIX_BLOCK) -> torch.Tensor:
     """The canvas write as prefix sums over the contributions in row order, read at each canvas row's
     end and start and differenced (`blocked_prefix`, `prefix_difference`): O(M d + R d) where the
-    MatMul is O(R K d). Its error is that of a float32 `index_add_` of the same contributions or
-    smaller (tested). On ONNX Runtime at K = 4096 ~4x faster than the MatMul and ~1.3x faster than a
+    MatMul is O(R K d). Its error stays within a few float32 roundings of the largest row sum (measured
+    1.5e-7 relative at K = 1, where `index_add_` gives 1.1e-7, and 6e-8 at K = 3000, where `index_add_`'s
+    grows to 3.5e-6; tested without absolute slack). On ONNX Runtime at K = 4096 ~4x faster than the MatMul and ~1.3x faster than a
     float64 prefix over all M (measured: docs/deployment.md). written (K, d) -> (R, d)."""
     offsets, in_block = blocked_prefix(query, weight, written, block)
     return prefix_difference(offsets, in_block, through, before, block)

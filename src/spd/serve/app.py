@@ -35,6 +35,7 @@ from spd.allocator import release_free_memory
 from spd.cameras.intrinsics import checked_intrinsics
 from spd.errors import UserInputError
 from spd.predictor import ImageFeatures, PreparedImage, Predictor, backproject, check_points, grid_points
+from spd.serve import schema
 from spd.serve.cache import FeatureCache
 from spd.serve.images import ImageRefused, decode_for_model
 from spd.serve.limits import BodyLimit, BodyTooLarge, Limits
@@ -85,7 +86,8 @@ def create_app(predictor: Predictor, model_name: str, model_info: dict, cache: F
 
     _add_service_routes(app, state)
 
-    @app.post("/v1/encode")
+    @app.post("/v1/encode", openapi_extra=schema.encode_request_body(limits), response_model=None,
+              responses={200: {"model": schema.EncodeAnswer}, **schema.ERRORS})
     async def encode(request: Request) -> dict:
         """multipart/form-data with an `image` file -> its `image_id` for later /v1/depth calls."""
         form = await _form(request, limits)
@@ -97,7 +99,8 @@ def create_app(predictor: Predictor, model_name: str, model_info: dict, cache: F
         return {"image_id": image_id, "width": features.width, "height": features.height, "model": model_name,
                 "expires_after_s": cache.ttl_s, "timing_ms": {"encode": encode_ms}}
 
-    @app.post("/v1/depth")
+    @app.post("/v1/depth", openapi_extra=schema.depth_request_body(limits), response_model=None,
+              responses={200: {"model": schema.DepthAnswer}, **schema.ERRORS})
     async def depth(request: Request) -> dict:
         """Depth [m] at points: multipart (`image` file or `image_id`; `points` JSON or `grid`;
         optional `intrinsics` JSON) or a JSON body {image_id, points | grid, intrinsics?}.
@@ -125,7 +128,7 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     async def page() -> str:
         return resources.files("spd.serve").joinpath("page.html").read_text()
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=None, responses={200: {"model": schema.Health}})
     async def healthz() -> dict:
         return {"status": "ok"}
 
@@ -135,7 +138,7 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
 
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/info")
+    @app.get("/v1/info", response_model=None, responses={200: {"model": schema.Info}})
     async def info() -> dict:
         predictor = state.predictor
         return {"model": state.model_name, "config": state.model_info, "device": str(predictor.device),

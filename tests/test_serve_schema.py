@@ -122,3 +122,59 @@ def test_any_form_fields_and_upload_get_an_answer_never_a_5xx(client, fields, up
     answer = client.post("/v1/depth", data=fields, files=files) if files or fields else client.post(
         "/v1/depth", files={"image": ("x.jpg", b"", "image/jpeg")})
     assert answer.status_code < 500, (fields, upload[:20] if upload else None, answer.text)
+
+
+def test_a_json_body_is_parsed_off_the_event_loop_while_healthz_answers(tiny_model, monkeypatch):
+    """Issue 46: the JSON of a /v1/depth body is parsed in the decoding pool; while one parse is held
+    there, /healthz (on the event loop) is answered."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    from spd.serve import fields
+
+    app = create_app(spd.Predictor(tiny_model), "tiny", {}, FeatureCache(2**26, 60.0), LIMITS)
+    held, release, parsed_on = threading.Event(), threading.Event(), []
+    real_parse = fields.parse_json_body
+
+    def held_parse(raw, limits):
+        parsed_on.append(threading.current_thread())
+        held.set()
+        release.wait(30)
+        return real_parse(raw, limits)
+
+    monkeypatch.setattr(fields, "parse_json_body", held_parse)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://spd") as client:
+            depth = asyncio.create_task(client.post("/v1/depth", json={"image_id": "feed", "grid": 2}))
+            while not held.is_set():
+                await asyncio.sleep(0.01)
+            health = await client.get("/healthz")  # answered while the body's parse is still held
+            still_held = not release.is_set()
+            release.set()
+            return health, still_held, await depth
+
+    health, still_held, depth = asyncio.run(scenario())
+    assert health.status_code == 200 and still_held
+    assert depth.status_code == 404  # parsed, queued, then the unknown id: the request went on normally
+    assert parsed_on and parsed_on[0] is not threading.main_thread()
+
+
+def test_only_the_compact_form_of_a_request_waits_for_the_model():
+    import numpy as np
+    from fastapi import HTTPException
+
+    from spd.serve.fields import parse_form_fields, parse_json_body
+
+    compact = parse_json_body(json.dumps({"image_id": "a", "points": [[1, 2], [3.5, 4]], "extra": [{}] * 100}).encode(),
+                              LIMITS)
+    assert set(compact) == {"image_id", "points"} and compact["points"].dtype == np.float64
+    assert compact["points"].shape == (2, 2)  # 16 bytes a point, not a list of lists; unknown keys dropped
+    assert parse_form_fields({"grid": "3", "intrinsics": "[500, 500, 320, 240]"}, LIMITS) == {
+        "grid": 3, "intrinsics": (500.0, 500.0, 320.0, 240.0)}
+    with pytest.raises(HTTPException) as refused:  # a body of empty objects is refused before it queues
+        parse_json_body(json.dumps({"image_id": "a", "points": [{}] * 10}).encode(), LIMITS)
+    assert refused.value.status_code == 400 and "point 0" in refused.value.detail

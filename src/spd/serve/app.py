@@ -19,8 +19,6 @@ Encoded images live in a `FeatureCache` (LRU by bytes, with expiry).
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -32,10 +30,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from spd.allocator import release_free_memory
-from spd.cameras.intrinsics import checked_intrinsics
 from spd.errors import UserInputError
 from spd.predictor import ImageFeatures, PreparedImage, Predictor, backproject, check_points, grid_points
-from spd.serve import schema
+from spd.serve import fields, schema
 from spd.serve.cache import FeatureCache
 from spd.serve.images import ImageRefused, decode_for_model
 from spd.serve.limits import BodyLimit, BodyTooLarge, Limits
@@ -105,11 +102,11 @@ def create_app(predictor: Predictor, model_name: str, model_info: dict, cache: F
         """Depth [m] at points: multipart (`image` file or `image_id`; `points` JSON or `grid`;
         optional `intrinsics` JSON) or a JSON body {image_id, points | grid, intrinsics?}.
         With an uploaded image whose features do not fit the cache, the answer's `image_id` is null."""
-        fields, upload = await _depth_request(request, limits)
-        if upload is not None and "image_id" in fields:
+        asked, upload = await _depth_request(request, state)
+        if upload is not None and "image_id" in asked:
             raise _bad(400, "send either an 'image' file or an 'image_id', not both")
         prepared = await _decoded(state, upload) if upload is not None else None
-        return await model.run(_answer_depth, state, fields, prepared, quick=prepared is None)
+        return await model.run(_answer_depth, state, asked, prepared, quick=prepared is None)
 
     return app
 
@@ -192,47 +189,24 @@ async def _upload(form, limits: Limits) -> bytes:
     return data
 
 
-async def _depth_request(request: Request, limits: Limits) -> tuple[dict, bytes | None]:
-    """The request's fields (image_id, points, grid, intrinsics; parsed JSON) and its image bytes, if uploaded."""
+async def _depth_request(request: Request, state: ServerState) -> tuple[dict, bytes | None]:
+    """The request's compact fields (`spd.serve.fields`: parsed and checked in the decoding pool, not on
+    the event loop) and its image bytes, if uploaded."""
+    limits = state.limits
     kind = request.headers.get("content-type", "")
     if kind.startswith("application/json"):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise _bad(400, f"request body is not valid JSON ({err})") from None
-        except RecursionError:  # json's recursive parser: nesting beyond Python's recursion limit
-            raise _bad(400, "request body is JSON nested too deeply") from None
-        except ValueError as err:  # an integer of over 4,300 digits: Python's int limit, not a JSON error
-            raise _bad(400, f"request body holds a number too large to read ({_first_words(err)})") from None
-        if not isinstance(body, dict):
-            raise _bad(400, "JSON body must be an object {image_id, points | grid, intrinsics?}")
-        return body, None
+        return await state.decoding.run(fields.parse_json_body, await request.body(), limits), None
     form = await _form(request, limits)
-    fields: dict[str, Any] = {}
-    for name in ("image_id", "points", "grid", "intrinsics"):
+    texts: dict[str, str] = {}
+    for name in fields.FIELD_NAMES:
         value = form.get(name)
         if value is None:
             continue
         if not isinstance(value, str):
             raise _bad(400, f"form field {name!r} must be text, not a file")
-        fields[name] = value if name == "image_id" else _json_field(name, value)
+        texts[name] = value
     upload = await _upload(form, limits) if form.get("image") is not None else None
-    return fields, upload
-
-
-def _json_field(name: str, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise _bad(400, f"form field {name!r} is not valid JSON: {text[:80]!r}") from None
-    except RecursionError:
-        raise _bad(400, f"form field {name!r} is JSON nested too deeply") from None
-    except ValueError as err:  # an integer of over 4,300 digits (Python's int limit)
-        raise _bad(400, f"form field {name!r} holds a number too large to read ({_first_words(err)})") from None
-
-
-def _first_words(err: Exception) -> str:
-    return " ".join(str(err).split())[:100]
+    return await state.decoding.run(fields.parse_form_fields, texts, limits), upload
 
 
 def _encode_and_cache(state: ServerState, prepared: PreparedImage) -> tuple[str | None, ImageFeatures, float]:
@@ -244,20 +218,20 @@ def _encode_and_cache(state: ServerState, prepared: PreparedImage) -> tuple[str 
     return state.cache.put(features), features, seconds * 1000
 
 
-def _answer_depth(state: ServerState, fields: dict, prepared: PreparedImage | None) -> dict:
+def _answer_depth(state: ServerState, asked: dict, prepared: PreparedImage | None) -> dict:
     """On the model's thread: the depth answer for a parsed request (points validated here, off the loop)."""
     timing: dict[str, float] = {}
     if prepared is not None:
         image_id, features, timing["encode"] = _encode_and_cache(state, prepared)
     else:
-        image_id = fields.get("image_id")
+        image_id = asked.get("image_id")
         if not isinstance(image_id, str) or not image_id:
             raise _bad(400, "no image: send an 'image' file, or the 'image_id' of an earlier /v1/encode")
         features = state.cache.get(image_id)
         if features is None:
             raise _bad(404, f"image_id {image_id!r} is unknown or expired: send the image again")
-    points = _points(fields, features, state.limits)
-    intrinsics = _intrinsics(fields.get("intrinsics"))
+    points = _points(asked, features)
+    intrinsics = asked.get("intrinsics")
     start = time.perf_counter()
     depth = state.predictor.decode(features, points, intrinsics)
     seconds = time.perf_counter() - start
@@ -277,42 +251,10 @@ def _answer_depth(state: ServerState, fields: dict, prepared: PreparedImage | No
     return answer
 
 
-def _points(fields: dict, features: ImageFeatures, limits: Limits) -> np.ndarray:
-    if ("points" in fields) == ("grid" in fields):
-        raise _bad(400, "give exactly one of 'points' (a JSON list of [u, v] pixel pairs) or 'grid' (N for N x N)")
-    if "grid" in fields:
-        n = fields["grid"]
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_grid:
-            raise _bad(400, f"'grid' must be an integer from 1 to {limits.max_grid}, got {n!r}")
-        return grid_points(n, features.height, features.width)
-    raw = fields["points"]
-    if not isinstance(raw, list):
-        raise _bad(400, "'points' must be a JSON list of [u, v] pixel pairs")
-    if len(raw) > limits.max_points:
-        raise _bad(413, f"{len(raw)} points exceed the limit of {limits.max_points} per request")
-    for index, pair in enumerate(raw):
-        if not isinstance(pair, list) or len(pair) != 2 or not all(_is_number(x) for x in pair):
-            raise _bad(400, f"point {index} must be [u, v] with two numbers, got {_preview(pair)}")
-    points = np.asarray(raw, dtype=np.float64).reshape(-1, 2)
-    check_points(points, features.height, features.width)  # NaN / outside: UserInputError naming the index
-    return points
-
-
-def _preview(value: Any) -> str:
-    """The start of a value's JSON for an error message (a deeply nested one is not serialised)."""
-    try:
-        return json.dumps(value)[:80]
-    except (RecursionError, ValueError):
-        return f"a nested {type(value).__name__}"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _intrinsics(raw: Any) -> tuple[float, float, float, float] | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, list) or len(raw) != 4 or not all(_is_number(x) and math.isfinite(x) for x in raw):
-        raise _bad(400, "'intrinsics' must be [fx, fy, cx, cy]: four finite numbers in pixels")
-    return checked_intrinsics(raw, "intrinsics")
+def _points(asked: dict, features: ImageFeatures) -> np.ndarray:
+    """(K, 2) pixels of the compact fields' points or grid, checked against the image (NaN, outside:
+    UserInputError naming the index)."""
+    if "grid" in asked:
+        return grid_points(asked["grid"], features.height, features.width)
+    check_points(asked["points"], features.height, features.width)
+    return asked["points"]

@@ -196,3 +196,42 @@ def test_features_copied_out_of_a_cuda_graph_are_whole_and_separate(tiny_model):
         assert nbytes(copied) == nbytes(features)
         assert copied.l1.untyped_storage().data_ptr() == copied.table.untyped_storage().data_ptr()  # still a view
         assert nbytes([features, copied]) == 2 * nbytes(features)  # and shares no storage with it
+
+
+def test_compiled_predictor_compiles_only_its_sizes_and_warms_them_up(tiny_model, monkeypatch):
+    """Issue 46: `compile_sizes` bounds what compiles (a server never stalls on a new aspect ratio):
+    images the model sees at those sizes run the compiled graphs, every other size the eager model,
+    and `warm_up` runs each compiled graph (encode per size, decode per K bucket) before any request.
+    The compiled callables are stand-ins that record their calls (compiling costs minutes on a CPU)."""
+    import spd.predictor as predictor_module
+    from spd.errors import UserInputError
+
+    calls = []
+
+    def recording(model, device):
+        def encode(images):
+            calls.append(("encode", tuple(images.shape[-2:])))
+            return model.encode(images)
+
+        def decode(features, queries, mask=None, check_values=True):
+            calls.append(("decode", features.image_size, queries.shape[1]))
+            return model.decode(features, queries, mask, check_values=check_values)
+
+        return encode, decode
+
+    monkeypatch.setattr(predictor_module, "compiled_encode_decode", recording)
+    compiled = Predictor(tiny_model, compile=True, compile_sizes=[(96, 128)], chunk_size=64, long_side=None)
+    compiled.warm_up()
+    assert [c for c in calls if c[0] == "encode"] == [("encode", (96, 128))]
+    assert sorted(c[2] for c in calls if c[0] == "decode") == list(compiled.buckets)  # every K bucket once
+    calls.clear()
+    eager = Predictor(tiny_model, long_side=None)
+    rng = np.random.default_rng(0)
+    for height, width, expect_compiled in ((96, 128, True), (64, 160, False)):
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        points = rng.uniform([0, 0], [width - 1, height - 1], size=(10, 2))
+        np.testing.assert_allclose(compiled.predict(image, points), eager.predict(image, points), rtol=1e-5)
+        assert bool(calls) == expect_compiled, (height, width, calls)
+        calls.clear()
+    with pytest.raises(UserInputError, match="compile=True"):
+        Predictor(tiny_model, compile_sizes=[(96, 128)])

@@ -208,6 +208,9 @@ class Predictor:
             one), decode once per K bucket: each chunk is padded to a bucket (`spd.chunked.K_BUCKETS`)
             so only a few shapes ever compile. The first call of each shape compiles (seconds to a minute).
         buckets: override the K buckets (None: K_BUCKETS when compiling, exact sizes otherwise).
+        compile_sizes: with `compile`, the (h, w) sizes the model sees that run compiled; images the model
+            sees at any other size run eager (the same maths), so a new size never stalls a caller on a
+            compile. None: every size compiles on first use. `warm_up()` compiles them all up front.
         long_side: every image is resized to this long side before encoding; "model" (default): the
             model's pixel scale, the long side of its training frames (`spd.cameras.scale`: metric
             depth depends on it; a 4000x3000 photo at full size would also cost ~70x the time).
@@ -225,6 +228,7 @@ class Predictor:
         compile: bool = False,
         buckets: tuple[int, ...] | None = None,
         long_side: int | None | Literal["model"] = "model",
+        compile_sizes: Sequence[tuple[int, int]] | None = None,
     ):
         if dtype not in ("fp32", "bf16"):
             raise UserInputError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
@@ -243,6 +247,9 @@ class Predictor:
         if buckets is None and compile:
             buckets = tuple(b for b in K_BUCKETS if b < chunk_size) + (chunk_size,)
         self.buckets = buckets
+        if compile_sizes is not None and not compile:
+            raise UserInputError("compile_sizes applies to a compiled predictor (compile=True)")
+        self.compile_sizes = None if compile_sizes is None else {tuple(int(v) for v in size) for size in compile_sizes}
         if long_side == "model":
             long_side = long_side_of(model)
         if long_side is not None and long_side < 32:
@@ -285,11 +292,35 @@ class Predictor:
         """(h, w) the model sees for an image of height x width: resized to `long_side` (the model's scale)."""
         return scaled_size(height, width, self.long_side)
 
+    def _compiled(self, size) -> bool:
+        """Whether images the model sees at (h, w) = `size` run the compiled graphs."""
+        return self.compile_sizes is None or tuple(size) in self.compile_sizes
+
     @torch.inference_mode()
     def _encode_tensor(self, tensor: torch.Tensor):
         """(B, 3, h, w) normalised -> the model's features."""
+        encode = self._encode if self._compiled(tensor.shape[-2:]) else self.model.encode
         with self._autocast():
-            return self._encode(on_device(tensor, self.device))
+            return encode(on_device(tensor, self.device))
+
+    def _decode_for(self, features):
+        """The decode callable for features of this image size (compiled, or the eager one)."""
+        size = getattr(features, "image_size", None)
+        return self._decode if size is None or self._compiled(size) else self.model.decode
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compiles every graph a compiled predictor with `compile_sizes` will run (encode per size, decode
+        per K bucket) now, so that no caller waits on a compile later."""
+        if self.compile_sizes is None:
+            raise UserInputError("warm_up needs compile_sizes (the image sizes to compile for)")
+        for height, width in sorted(self.compile_sizes):
+            features = self._encode_tensor(torch.zeros(1, 3, height, width))
+            for k in self.buckets:
+                queries = torch.zeros(1, k, 2, device=self.device)
+                with self._autocast():
+                    self._decode(features, queries, torch.ones(1, k, dtype=torch.bool, device=self.device),
+                                 check_values=False)
 
     @torch.inference_mode()
     def decode(self, features: ImageFeatures, points, intrinsics: Sequence[float] | None = None) -> np.ndarray:
@@ -301,7 +332,7 @@ class Predictor:
         queries = on_device(to_model_pixels(queries, features.scale), self.device)
         with self._autocast():
             depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed,
-                                     buckets=self.buckets, decode=self._decode)
+                                     buckets=self.buckets, decode=self._decode_for(features.features))
         return self._metric(_to_numpy(depth), intrinsics, features.scale)
 
     def _metric(self, depth: np.ndarray, intrinsics: Sequence[float] | None, scale: tuple[float, float]) -> np.ndarray:
@@ -356,5 +387,5 @@ class Predictor:
             return [np.zeros(0, np.float32) for _ in queries]
         padded, mask = pad_queries(queries, bucket_size(max(counts), self.buckets) if self.buckets else max(counts))
         with self._autocast():
-            depth = _to_numpy(self._decode(features, padded, mask, check_values=False))
+            depth = _to_numpy(self._decode_for(features)(features, padded, mask, check_values=False))
         return [depth[row, :count] for row, count in enumerate(counts)]

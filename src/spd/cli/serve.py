@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spd.cli.args import add_device, add_inference_dtype, port, positive_float, positive_int
+from spd.cli.args import add_device, add_inference_dtype, image_size, port, positive_float, positive_int
 from spd.cli.models import load_any_model
 from spd.errors import UserInputError
 
@@ -18,8 +18,11 @@ def add_parser(subparsers) -> None:
     add_inference_dtype(p)
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="torch (default) or onnx (ONNX Runtime)")
     p.add_argument("--compile", action="store_true",
-                   help="torch backend: compile the predictor (each image size and K bucket compiles once, on first use; "
-                        "CUDA graphs on CUDA): for a fixed camera")
+                   help="torch backend: compile the predictor for --compile-sizes (every K bucket), all before the "
+                        "service starts (CUDA graphs on CUDA); images the model sees at other sizes run eager")
+    p.add_argument("--compile-sizes", default=None, metavar="HxW[,HxW...]",
+                   help="with --compile: the sizes the model sees that run compiled (default: the model's pixel "
+                        "scale at 4:3, landscape and portrait, e.g. 480x640,640x480)")
     p.add_argument("--cache-mb", type=positive_float, default=512.0,
                    help="encoded images kept for image_id reuse, in MB (LRU; default 512, ~25 MB per 480x640 image)")
     p.add_argument("--cache-ttl", type=positive_float, default=600.0,
@@ -49,7 +52,26 @@ def serving_predictor(args: argparse.Namespace):
         return predictor, {"backend": "onnx", **predictor.manifest["spd_config"]}
     model = load_any_model(args.model, args.device)
     config = model.config.to_dict() if hasattr(model, "config") and hasattr(model.config, "to_dict") else {}
-    return Predictor(model, args.device, dtype=args.dtype, compile=args.compile), {"backend": "torch", **config}
+    if not args.compile:
+        return Predictor(model, args.device, dtype=args.dtype), {"backend": "torch", **config}
+    sizes = compile_sizes(args.compile_sizes, model)
+    predictor = Predictor(model, args.device, dtype=args.dtype, compile=True, compile_sizes=sizes)
+    print(f"spd serve: compiling for {', '.join(f'{w}x{h}' for h, w in sizes)} (every K bucket) before serving ...")
+    predictor.warm_up()  # never on the model thread mid-traffic
+    return predictor, {"backend": "torch", "compiled_sizes": [list(size) for size in sizes], **config}
+
+
+def compile_sizes(text: str | None, model) -> list[tuple[int, int]]:
+    """--compile-sizes 'HxW,HxW' -> [(h, w), ...]; default the model's scale at 4:3 both ways."""
+    from spd.cameras.scale import long_side_of
+
+    if text is None:
+        long_side = long_side_of(model)
+        return [(round(long_side * 3 / 4), long_side), (long_side, round(long_side * 3 / 4))]
+    try:
+        return [image_size(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError as err:
+        raise UserInputError(f"--compile-sizes: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.compile and args.backend == "onnx":
         raise UserInputError("--compile compiles the PyTorch predictor: drop it with --backend onnx")
+    if args.compile_sizes is not None and not args.compile:
+        raise UserInputError("--compile-sizes needs --compile")
     try:
         import uvicorn
 

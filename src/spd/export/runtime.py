@@ -104,6 +104,7 @@ class OnnxPredictor(Predictor):
         spd_config = self.manifest.get("spd_config") or {}
         self.canonical_focal = float(spd_config.get("canonical_focal", DEFAULT_CANONICAL_FOCAL))  # older exports: NYU's
         self.chunk_size, self.seed, self.buckets, self.long_side, self.resize = chunk_size, seed, None, None, resize
+        self.compile_sizes = None  # one graph: nothing to choose between
         self._decode = self._run_decoder
 
     def _check_graphs(self) -> None:

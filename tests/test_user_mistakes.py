@@ -83,3 +83,70 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_free(syn
         train_module.train(cfg, synth_root, tmp_path / "run", progress=False)
     assert not RunFolderGuard._holds_run(tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+# --- issue 45: a new user's mistakes ---------------------------------------------------------------
+FRAME = Path(__file__).parent / "fixtures" / "nyu_real" / "sync" / "rgb_00000.jpg"
+DEPTH_PNG = Path(__file__).parent / "fixtures" / "nyu_real" / "sync" / "sync_depth_00000.png"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    import warnings
+
+    import spd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return spd.save_model(spd.build_model("v15-tiny", warn_random_encoder=False, image_long_side=160),
+                              tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _main(capsys, *args) -> tuple[int, list[str], str]:
+    from spd.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
+def test_points_files_saved_by_spreadsheets_read_or_fail_in_one_line(tiny_folder, tmp_path, capsys):
+    (tmp_path / "utf16.csv").write_bytes("u,v\r\n10,20\r\n30,40\r\n".encode("utf-16"))  # Excel's "Unicode Text"
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfu,v\n10,20\n")  # Excel's "CSV UTF-8"
+    for name, points in (("utf16.csv", 2), ("bom.csv", 1)):
+        code, err, out = _main(capsys, "predict", "--model", tiny_folder, "--image", FRAME, "--points-file",
+                               tmp_path / name)
+        assert code == 0 and len(out.strip().splitlines()) == points, (name, err)
+    (tmp_path / "latin1.csv").write_bytes("u,v # caméra\n10,20\n".encode("latin-1"))
+    code, err, _ = _main(capsys, "predict", "--model", tiny_folder, "--image", FRAME, "--points-file",
+                         tmp_path / "latin1.csv")
+    assert code != 0 and len(err) == 1 and "latin1.csv" in err[0] and "save it as UTF-8" in err[0]
+
+
+def test_output_paths_under_a_file_or_of_an_unwritable_kind_are_refused_before_work(tiny_folder, tmp_path, capsys):
+    (tmp_path / "some_file").write_text("x")
+    code, err, _ = _main(capsys, "export", "--model", tiny_folder, "--out", tmp_path / "some_file" / "sub")
+    assert code == 2 and len(err) == 1 and "is a file, not a folder" in err[0]
+    code, err, out = _main(capsys, "predict", "--model", tiny_folder, "--image", FRAME, "--points", "1,1",
+                           "--out", tmp_path / "r.xlsx")
+    assert code == 2 and len(err) == 1 and ".json or .csv" in err[0] and not out
+    assert not (tmp_path / "r.xlsx").exists()
+
+
+def test_a_depth_png_as_image_is_refused_not_answered(tiny_folder, capsys):
+    code, err, out = _main(capsys, "predict", "--model", tiny_folder, "--image", DEPTH_PNG, "--points", "1,1")
+    assert code != 0 and len(err) == 1 and "not an 8-bit colour photograph" in err[0] and "depth map" in err[0]
+    assert "depth_m" not in out
+
+
+def test_intrinsics_in_millimetres_are_warned_about(tiny_folder, capsys):
+    code, err, out = _main(capsys, "predict", "--model", tiny_folder, "--image", FRAME, "--points", "320,240",
+                           "--intrinsics", "3.6,3.6,320,240")
+    assert code == 0 and "depth_m" in out  # the rule applied as asked, but never without a word
+    assert len(err) == 1 and err[0].startswith("spd predict: warning:") and "millimetres" in err[0]
+    code, err, _ = _main(capsys, "predict", "--model", tiny_folder, "--image", FRAME, "--points", "320,240",
+                         "--intrinsics", "518.86,519.47,1325.58,253.74")
+    assert len(err) == 1 and "principal point" in err[0]
+    code, err, _ = _main(capsys, "predict", "--model", tiny_folder, "--image", FRAME, "--points", "320,240",
+                         "--intrinsics", "518.86,519.47,325.58,253.74")
+    assert err == []  # NYU's own camera: nothing to say

@@ -24,6 +24,7 @@ query set, and the same inputs always give the same outputs.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,11 @@ from PIL import Image, ImageOps
 from spd.cameras.canonical import canonical_focal_of, prediction_to_metric
 from spd.cameras.scale import long_side_of, scaled_size, to_model_pixels
 from spd.chunked import K_BUCKETS, bucket_size, decode_in_chunks, pad_queries
-from spd.data.io import read_rgb
+from spd.data.io import NOT_PHOTOGRAPHS, read_rgb
 from spd.data.transforms import normalize_image
 from spd.errors import UserInputError
 from spd.geometry.validation import validate_queries
-from spd.cameras.intrinsics import checked_intrinsics
+from spd.cameras.intrinsics import checked_intrinsics, implausible_intrinsics
 from spd.models.onednn import onednn_runs
 from spd.models.precision import low_precision_copy
 
@@ -77,6 +78,8 @@ def image_to_uint8(image: ImageLike) -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_rgb(image)
     if isinstance(image, Image.Image):
+        if image.mode in NOT_PHOTOGRAPHS:
+            raise UserInputError(f"a {image.mode} image ({NOT_PHOTOGRAPHS[image.mode]}), not an 8-bit colour photograph")
         return np.array(ImageOps.exif_transpose(image).convert("RGB"))
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
@@ -329,6 +332,9 @@ class Predictor:
         queries = check_points(points, features.height, features.width)  # validated once, in the user's pixels
         if intrinsics is not None:
             intrinsics = checked_intrinsics(intrinsics, "intrinsics")
+            problem = implausible_intrinsics(intrinsics, features.height, features.width)
+            if problem is not None:  # a likely mistake, said once per call; the depths follow the rule as given
+                warnings.warn(f"spd: {problem}", UserWarning, stacklevel=2)
         queries = on_device(to_model_pixels(queries, features.scale), self.device)
         with self._autocast():
             depth = decode_in_chunks(self.model, features.features, queries, self.chunk_size, shuffle_seed=self.seed,

@@ -22,6 +22,24 @@ def checked_intrinsics(values, source: str) -> tuple[float, float, float, float]
     return fx, fy, cx, cy
 
 
+MAX_FIELD_OF_VIEW_DEG = 170.0  # wider than any pinhole camera's: fisheyes are not pinholes
+
+
+def implausible_intrinsics(intrinsics, height: int, width: int) -> str | None:
+    """Why (fx, fy, cx, cy) look wrong for a height x width image, or None: a focal length of a few
+    pixels (a field of view beyond 170 degrees: millimetres, not pixels?) or a principal point outside
+    the image (intrinsics of another image size?)."""
+    fx, fy, cx, cy = intrinsics
+    fov = math.degrees(2 * math.atan(width / (2 * fx))), math.degrees(2 * math.atan(height / (2 * fy)))
+    if max(fov) > MAX_FIELD_OF_VIEW_DEG:
+        return (f"intrinsics fx={fx:g}, fy={fy:g} px give a {max(fov):.0f} degree field of view for this {width}x{height} "
+                "image: they are pixels, not millimetres (fx_px = f_mm x image width px / sensor width mm)")
+    if not (0 <= cx <= width and 0 <= cy <= height):
+        return (f"intrinsics put the principal point ({cx:g}, {cy:g}) outside this {width}x{height} image: are they "
+                "for another image size? (they are in pixels of the image you pass)")
+    return None
+
+
 def _from_matrix(matrix, source: str) -> tuple[float, float, float, float]:
     k = np.asarray(matrix, dtype=np.float64)
     if k.shape != (3, 3):

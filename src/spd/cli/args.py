@@ -93,8 +93,44 @@ def check_output_file(path: str | None, flag: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise UserInputError(f"{flag} {path}: is a folder; give a file name")
-    if not target.parent.is_dir():
-        raise UserInputError(f"{flag} {path}: folder {target.parent} does not exist (create it first)")
+    _check_parent(target, flag, path)
+
+
+def _check_parent(target, flag: str, path: str) -> None:
+    from spd.errors import UserInputError
+
+    parent = target.parent
+    if parent.is_file() or any(p.is_file() for p in parent.parents):
+        raise UserInputError(f"{flag} {path}: {next(p for p in (parent, *parent.parents) if p.is_file())} is a file, "
+                             "not a folder")
+    if not parent.is_dir():
+        raise UserInputError(f"{flag} {path}: folder {parent} does not exist (create it first)")
+
+
+def check_output_suffix(path: str | None, flag: str, suffixes: tuple[str, ...]) -> None:
+    """Before any work: an output file's extension must be one the command writes."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    from spd.errors import UserInputError
+
+    if Path(path).suffix.lower() not in suffixes:
+        raise UserInputError(f"{flag} {path}: writes {' or '.join(suffixes)} files only (by the extension), not "
+                             f"{Path(path).suffix or 'a name without one'!r}")
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """Before any work: a folder the command will create (or replace) must not be a file, and its parent
+    must be a folder that exists."""
+    from pathlib import Path
+
+    from spd.errors import UserInputError
+
+    target = Path(path)
+    if target.is_file():
+        raise UserInputError(f"{flag} {path}: is a file; give a folder")
+    _check_parent(target, flag, path)
 
 
 def check_depth_range(min_depth: float, max_depth: float) -> None:

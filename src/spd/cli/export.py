@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from spd.cli.args import positive_int
+from spd.cli.args import check_output_folder, positive_int
 from spd.cli.models import load_any_model
 from spd.errors import UserInputError
 
@@ -50,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
         calibration, check_images = split_calibration(
             calibration_images(args.calibration, args.calibration_images + 4), args.calibration_images)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserInputError(f"--out {args.out}: is a file; give a folder (created, or replaced whole)")
+    check_output_folder(args.out, "--out")  # a file, or a parent that is a file or missing: before any work
     model = load_any_model(args.model, "cpu")
     if not isinstance(model, SPD):
         raise UserInputError(f"{args.model}: only SPD model folders export (the baseline is timed by `spd bench --backend onnx`)")

@@ -34,15 +34,13 @@ def read_points(args: argparse.Namespace, height: int, width: int):
 
 
 def read_points_file(path: str):
-    """A CSV of `u,v` per line (an optional header line is skipped) -> (K, 2) array."""
+    """A CSV of `u,v` per line (an optional header line is skipped; UTF-8, or UTF-16 / UTF-8 with a BOM)
+    -> (K, 2) array."""
     import numpy as np
 
-    from spd.data.io import parse_number_rows
+    from spd.data.io import parse_number_rows, read_text
 
-    try:
-        lines = open(path).read().splitlines()
-    except OSError as err:
-        raise UserInputError(f"--points-file {path}: cannot read it ({err.strerror})") from None
+    lines = read_text(path).splitlines()  # BOM-aware (UTF-16 from spreadsheets); one line naming the file otherwise
     rows, bad = parse_number_rows(lines, 2)
     if bad is not None:
         raise UserInputError(f"{path}: line {bad} is not 'u,v': {lines[bad - 1]!r}")

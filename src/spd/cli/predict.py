@@ -6,7 +6,7 @@ import argparse
 import csv
 import json
 
-from spd.cli.args import add_device, add_inference_dtype, check_output_file, non_negative_int, positive_int
+from spd.cli.args import add_device, add_inference_dtype, check_output_file, check_output_suffix, non_negative_int, positive_int
 from spd.cli.models import load_any_model
 from spd.cli.points import read_points
 from spd.errors import UserInputError
@@ -64,7 +64,7 @@ def _rows(points, depth, intrinsics) -> list[dict]:
 def _write_rows(rows: list[dict], out: str | None, image: str) -> None:
     from pathlib import Path
 
-    if out and out.endswith(".csv"):
+    if out and out.lower().endswith(".csv"):
         with open(out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["u", "v", "depth_m"])
             writer.writeheader()
@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     from spd.predictor import check_points, image_to_uint8
 
     check_output_file(args.out, "--out")
+    check_output_suffix(args.out, "--out", (".json", ".csv"))
     check_output_file(args.vis, "--vis")
+    check_output_suffix(args.vis, "--vis", (".png", ".jpg", ".jpeg", ".pdf", ".svg"))
     intrinsics = read_intrinsics(args.intrinsics) if args.intrinsics else None
     rgb = image_to_uint8(args.image)
     points = read_points(args, *rgb.shape[:2])

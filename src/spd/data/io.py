@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +21,31 @@ class DataError(DataLayoutError):
         self.problem = problem
 
 
+# Byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's): what spreadsheets write as
+# "Unicode Text" (UTF-16) or "CSV UTF-8" (with a BOM)
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
 def read_text(path: str | Path) -> str:
-    """A text file (split list, label CSV, description) as str; DataError naming the file when it is
-    missing, unreadable or not UTF-8 (e.g. saved as Latin-1 by a spreadsheet)."""
+    """A text file (split list, label or points CSV, description) as str: UTF-8, or UTF-8 / UTF-16 /
+    UTF-32 with a byte-order mark; DataError naming the file when it is missing, unreadable or in
+    another encoding (e.g. Latin-1 from a spreadsheet), with the first undecodable byte."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
-    except UnicodeDecodeError as err:
-        raise DataError(path, f"not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); save it "
-                              "as UTF-8") from None
+    except IsADirectoryError:
+        raise DataError(path, "is a folder, not a text file") from None
     except OSError as err:
         raise DataError(path, f"cannot read it ({err.strerror})") from None
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"not {encoding.upper().replace('-SIG', '')} text (byte {err.start}: "
+                              f"{err.object[err.start:err.start + 1]!r}); save it as UTF-8") from None
 
 
 def _open(path: Path) -> Image.Image:
@@ -48,10 +61,20 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
+# Pillow modes of depth maps and other measurements, not photographs: converting one to RGB clips it
+# to white and grey, and a model would answer plausible metres for it (a depth PNG passed as --image).
+NOT_PHOTOGRAPHS = {"I;16": "16-bit: a depth map?", "I;16B": "16-bit: a depth map?", "I;16L": "16-bit: a depth map?",
+                   "I": "32-bit integer: a depth map?", "F": "32-bit float: a depth map?"}
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """An image file as an (H, W, 3) uint8 RGB array (grey and RGBA are converted), upright: a
-    camera's EXIF orientation tag is applied, so pixel (u, v) is where a viewer shows it."""
-    return np.array(ImageOps.exif_transpose(_open(Path(path))).convert("RGB"))  # a writable copy
+    camera's EXIF orientation tag is applied, so pixel (u, v) is where a viewer shows it. A 16-bit or
+    float image (a depth map) is refused: DataError naming the file."""
+    image = _open(Path(path))
+    if image.mode in NOT_PHOTOGRAPHS:
+        raise DataError(path, f"a {image.mode} image ({NOT_PHOTOGRAPHS[image.mode]}), not an 8-bit colour photograph")
+    return np.array(ImageOps.exif_transpose(image).convert("RGB"))  # a writable copy
 
 
 def read_depth_png(path: str | Path) -> np.ndarray:

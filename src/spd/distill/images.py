@@ -18,14 +18,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from spd.data.io import read_text
+from spd.data.io import NOT_PHOTOGRAPHS, read_text  # a teacher would "label" a depth map as a photograph
 from spd.errors import DataLayoutError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
-# Pillow modes of depth maps and other measurements: a teacher would "label" them as photographs
-NOT_PHOTOGRAPHS = {"I;16": "16-bit: a depth map?", "I;16B": "16-bit: a depth map?", "I;16L": "16-bit: a depth map?",
-                   "I": "32-bit integer", "F": "32-bit float"}
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,27 @@ QUANTIZED_OPS = {
 }
 
 
+def _depth_map(path: Path) -> bool:
+    """A 16-bit or float image (its header says so): a depth map, not a photograph to calibrate on."""
+    from PIL import Image, UnidentifiedImageError
+
+    from spd.data.io import NOT_PHOTOGRAPHS
+
+    try:
+        with Image.open(path) as image:
+            return image.mode in NOT_PHOTOGRAPHS
+    except (UnidentifiedImageError, OSError):
+        return False  # unreadable: `read_rgb` names it when the calibration reads it
+
+
 def calibration_images(folder: str | Path, limit: int) -> list[Path]:
-    """The first `limit` .jpg / .png images under `folder` (searched recursively, sorted): a clear error
-    when the folder is missing or holds none."""
+    """The first `limit` .jpg / .png photographs under `folder` (searched recursively, sorted; 16-bit
+    depth maps skipped): a clear error when the folder is missing or holds none."""
     root = Path(folder)
     if not root.is_dir():
         raise UserInputError(f"--calibration {folder}: not a folder (give a folder of typical .jpg / .png images)")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    images = [p for p in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+              if not _depth_map(p)][:limit]  # the NYU layout keeps 16-bit depth PNGs beside the RGB
     if not images:
         raise UserInputError(f"--calibration {folder}: no .jpg / .png images to calibrate on")
     return images

@@ -7,6 +7,8 @@ for the same T seconds:
 - pixel bombs: a 6000 x 6000 PNG of ~100 KB (under the pixel cap: decoded, 200 or 503 when the
   decoding queue is full) and an 8000 x 8000 one (over the cap: 413 from its header);
 - slow uploads: a small valid PNG (~13 KB) sent in 1 KiB pieces, 50 ms apart;
+- large JSON bodies just under the JSON limit (`payloads`): empty objects as points (400) and valid
+  points for an unknown image (404), both parsed off the event loop;
 - bursts: twice, `BURST` pixel bombs at once, far beyond the decoding queue (503 beyond it);
 - a /healthz probe every 50 ms.
 It reports the normal clients' errors and latency, /healthz's p99, the hostile answers by class
@@ -115,10 +117,18 @@ FILE_HEAD = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; f
              "Content-Type: image/png\r\n\r\n").encode()
 
 
-def payloads(bomb_side: int, huge_side: int) -> dict[str, bytes]:
-    """The images the hostile clients send, made once before the mix (an 8000^2 PNG takes seconds to write)."""
+def payloads(bomb_side: int, huge_side: int, json_limit: int) -> dict[str, bytes]:
+    """What the hostile clients send, made once before the mix (an 8000^2 PNG takes seconds to write): the
+    images, and two JSON bodies just under the server's JSON limit: `[{},{},...]` points (~56 ms of
+    json.loads and ~70 MiB of Python objects for 3 MiB, 400 once parsed) and as many valid points as fit
+    for an unknown image_id (parsed, compacted, 404 from the model's thread)."""
     small = _png(7, 96, 128)  # ~13 KB: ~0.7 s at the slow pace
-    return {"bomb": pixel_bomb(bomb_side), "huge_bomb": pixel_bomb(huge_side), "small": small}
+    head, room = b'{"image_id": "feed", "points": [', json_limit - 64
+    empty = head + b"{}," * ((room - len(head)) // 3) + b"{}]}"
+    pair = b"[123.25, 45.5],"
+    points = head + pair * ((room - len(head)) // len(pair)) + b"[1, 1]]}"
+    return {"bomb": pixel_bomb(bomb_side), "huge_bomb": pixel_bomb(huge_side), "small": small,
+            "empty_objects": empty, "many_points": points}
 
 
 def _hostile_loop(url: str, kind: str, stop: float, tally: _Tally, limits: dict, images: dict) -> None:
@@ -141,6 +151,10 @@ def _hostile_loop(url: str, kind: str, stop: float, tally: _Tally, limits: dict,
                 image = bomb if turn % 2 == 0 else huge_bomb
                 _send(client, tally, f"pixel bomb {'under' if turn % 2 == 0 else 'over'} the cap",
                       url="/v1/encode", files={"image": ("bomb.png", image, "image/png")})
+            elif kind == "large_json":  # bodies just under the JSON limit: parsed off the event loop
+                _send(client, tally, f"large JSON {'of empty objects' if turn % 2 == 0 else 'of points'}",
+                      url="/v1/depth", headers={"content-type": "application/json"},
+                      content=images["empty_objects"] if turn % 2 == 0 else images["many_points"])
             elif kind == "slow":
                 body = head + small + f"\r\n--{BOUNDARY}--\r\n".encode()
                 _send(client, tally, "slow upload", url="/v1/encode", headers=multipart,
@@ -192,11 +206,11 @@ def _probe_health(url: str, seconds: float) -> list[float]:
 
 def _misbehave(url: str, seconds: float, limits: dict, sides: tuple[int, int], burst: int) -> dict:
     """Every hostile client and both bursts for `seconds` (in its own process): answers by kind and class."""
-    images = payloads(*sides)
+    images = payloads(*sides, limits["json"])
     tally = _Tally()
     stop = time.perf_counter() + seconds
     workers = [threading.Thread(target=_hostile_loop, args=(url, kind, stop, tally, limits, images))
-               for kind in ("oversized", "bombs", "slow")]
+               for kind in ("oversized", "bombs", "slow", "large_json")]
     workers += [threading.Timer(seconds * share, _burst, args=(url, tally, images["bomb"], burst)) for share in (0.3, 0.65)]
     for worker in workers:
         worker.start()

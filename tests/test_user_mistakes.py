@@ -150,3 +150,36 @@ def test_intrinsics_in_millimetres_are_warned_about(tiny_folder, capsys):
     code, err, _ = _main(capsys, "predict", "--model", tiny_folder, "--image", FRAME, "--points", "320,240",
                          "--intrinsics", "518.86,519.47,325.58,253.74")
     assert err == []  # NYU's own camera: nothing to say
+
+
+def test_ctrl_c_during_the_demo_then_the_printed_command_continues_it(tmp_path):
+    """Issue 45: `spd demo` stopped by Ctrl-C prints a command that works, and it continues from the
+    saved step (it used to be `--resume`, unrecognised, and a rerun deleted the run)."""
+    import os
+    import shlex
+    import signal
+    import time
+
+    out = tmp_path / "demo"
+    command = SPD + ["demo", "--out", str(out), "--n-train", "16", "--n-test", "2", "--size", "64x96",
+                     "--max-steps", "40"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.is_file() or metrics.read_text().count('"train"') < 1):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    hint = next(line for line in stdout.splitlines() if "continue with: spd " in line)
+    from spd.engine.checkpoint import load_training_state
+
+    saved = load_training_state(out / "run" / "checkpoints" / "last")["progress"]["step"]
+    again = shlex.split(hint.split("continue with: ", 1)[1])
+    assert again[0] == "spd" and again[1] == "demo"
+    result = subprocess.run(SPD + again[1:], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = next(line for line in result.stdout.splitlines() if line.startswith("resumed from"))
+    assert saved > 0 and f"at step {saved}" in resumed
+    assert (out / "metrics.json").is_file()

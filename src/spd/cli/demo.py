@@ -15,11 +15,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--size", type=image_size, default=(120, 160), help="frame size HxW (default 120x160)")
     p.add_argument("--max-steps", type=positive_int, default=None, help="training steps (default: the v15_tiny_synth config's)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="data and training seed (default 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted demo in --out (the default: a rerun of the same command continues it)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
     from spd.experiments.demo import run_demo
 
-    run_demo(args.out, args.n_train, args.n_test, args.size, args.max_steps, args.seed)
+    # the command that continues it, as typed (the demo resumes whenever --out holds its run)
+    words = [w for w in sys.argv[1:] if w not in ("--resume", "--debug")] if "demo" in sys.argv[1:] else ["demo"]
+    hint = "continue with: spd " + " ".join(shlex.quote(w) for w in words)
+    run_demo(args.out, args.n_train, args.n_test, args.size, args.max_steps, args.seed, resume_hint=hint)
     return 0

@@ -167,9 +167,10 @@ def resume_state(session: Session, resume: bool) -> TrainState:
 
 
 def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, resume_hint: str = "continue with --resume") -> dict:
     """Trains and returns {"step", "best_abs_rel", "last_val", "stopped"}; see module docstring.
-    `overwrite` deletes a run already in `run_dir` (without it, or `resume`, that is refused). A run
+    `overwrite` deletes a run already in `run_dir` (without it, or `resume`, that is refused).
+    `resume_hint`: what a stopped run prints after saving (the command that continues it). A run
     that fails before its first checkpoint leaves nothing that would block running it again."""
     info = dist_utils.init_distributed()
     guard = RunFolderGuard(Path(run_dir), cfg.to_dict(), resume, overwrite) if info.is_main else None
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig, data_root: str | Path, run_dir: str | Path, resume: 
         _release_unfinished(guard, Path(run_dir), info)
         raise
     try:
-        return run_epochs(session, state, progress)
+        return run_epochs(session, state, progress, resume_hint)
     except BaseException:
         _release_unfinished(guard, Path(run_dir), info)
         raise
@@ -206,7 +207,7 @@ def _release_unfinished(guard: RunFolderGuard | None, run_dir: Path, info) -> No
     guard.release(tidy=unfinished)
 
 
-def run_epochs(session: Session, state: TrainState, progress: bool) -> dict:
+def run_epochs(session: Session, state: TrainState, progress: bool, resume_hint: str = "continue with --resume") -> dict:
     """Epochs until the step budget or a pre-emption, the final validation and checkpoint."""
     from tqdm import tqdm
 
@@ -222,7 +223,7 @@ def run_epochs(session: Session, state: TrainState, progress: bool) -> dict:
         checkpoint(session, state, "last")
         if stopped == "preempted" and info.is_main:
             print(f"{session.preemption.requested}: saved {session.ckpt_dir / 'last'} at step {state.step}; "
-                  "continue with --resume")
+                  f"{resume_hint}")
     finally:
         bar.close()
         session.logger.close()

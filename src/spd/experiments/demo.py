@@ -39,13 +39,14 @@ def run_demo(
     size: tuple[int, int] = (120, 160),
     max_steps: int | None = None,
     seed: int = 0,
+    resume_hint: str = "rerun the same spd demo command to continue",
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    data = generate(out / "data", n_train, n_test, size, holes=True, seed=seed)
+    data = demo_data(out / "data", n_train, n_test, size, seed, out / "run")
     timings["synth_s"] = time.perf_counter() - start
 
     cfg = load_config("v15_tiny_synth")
@@ -54,7 +55,10 @@ def run_demo(
         cfg.max_steps = max_steps
     run_dir = out / "run"
     start = time.perf_counter()
-    if train(cfg, data, run_dir, overwrite=True)["stopped"] == "preempted":  # the demo rebuilds its whole folder
+    # an interrupted demo run continues (a rerun of the same command; a changed setting is refused by the
+    # run folder's guard, naming it), never restarts from step 0 over it
+    resume = (run_dir / "checkpoints" / "last").is_dir()
+    if train(cfg, data, run_dir, resume=resume, overwrite=not resume, resume_hint=resume_hint)["stopped"] == "preempted":
         raise KeyboardInterrupt  # Ctrl-C during training (saved in run/): evaluate nothing half-trained
     timings["train_s"] = time.perf_counter() - start
 
@@ -101,6 +105,24 @@ def _figures(out: Path, model, test_set: NYUDepth, rows: dict, run_dir: Path, ti
     save_scatter(out / "scatter.png", np.concatenate(truths), np.concatenate(preds),
                  f"held-out test points (abs_rel {rows['model']['abs_rel']:.3f})")
     save_training_curves(out / "training_curves.png", run_dir / "metrics.jsonl", rows["median"]["abs_rel"])
+
+
+def demo_data(folder: Path, n_train: int, n_test: int, size: tuple[int, int], seed: int, run_dir: Path) -> Path:
+    """The demo's synthetic rooms: reused when `folder` holds the same settings' (recorded in
+    demo_data.json), written anew otherwise; a run begun on other data is refused, not mixed."""
+    settings = {"n_train": n_train, "n_test": n_test, "size": list(size), "seed": seed}
+    record = folder / "demo_data.json"
+    if record.is_file() and json.loads(record.read_text()) == settings:
+        return folder
+    if (run_dir / "checkpoints" / "last").is_dir():
+        from spd.errors import RunFolderError
+
+        before = json.loads(record.read_text()) if record.is_file() else "unknown"
+        raise RunFolderError(f"{run_dir.parent}: holds a demo run on other data ({before}, now {settings}): rerun "
+                             "with the same --n-train / --n-test / --size / --seed to continue it, or use a new --out")
+    generate(folder, n_train, n_test, size, holes=True, seed=seed)
+    record.write_text(json.dumps(settings))
+    return folder
 
 
 def _report(result: dict, rows: dict, out: Path, run_dir: Path, data: Path) -> str:

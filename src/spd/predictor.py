@@ -259,6 +259,8 @@ class Predictor:
             raise UserInputError(f"long_side must be at least 32 pixels, got {long_side}")
         self.long_side = long_side
         self.canonical_focal = canonical_focal_of(model)
+        # what the model was trained on (spd.data.provenance; None: unknown), for callers to say
+        self.trained_on = getattr(getattr(model, "config", None), "trained_on", None)
 
     def _autocast(self):
         if self.dtype == "bf16":

@@ -50,6 +50,18 @@ def _predictor(args: argparse.Namespace):
     return Predictor(load_any_model(args.model, args.device), args.device, dtype=args.dtype, long_side=long_side)
 
 
+def say_provenance(predictor) -> None:
+    """One warning when the model was trained only on synthetic rooms (its metres mean nothing on a
+    real photo); nothing for other or unknown training data."""
+    import warnings
+
+    from spd.data.provenance import summary, synthetic_only
+
+    if synthetic_only(predictor.trained_on):
+        warnings.warn(f"spd: this model was trained only on {summary(predictor.trained_on)}: its metres are not "
+                      "meaningful on real photographs", UserWarning, stacklevel=2)
+
+
 def _rows(points, depth, intrinsics) -> list[dict]:
     """One dict per point: u, v, depth_m, and camera-frame x_m, y_m, z_m when intrinsics are given."""
     from spd.predictor import backproject
@@ -92,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     rgb = image_to_uint8(args.image)
     points = read_points(args, *rgb.shape[:2])
     check_points(points, *rgb.shape[:2])  # before the model loads: a bad point costs nothing
-    depth = _predictor(args).predict(rgb, points, intrinsics)
+    predictor = _predictor(args)
+    say_provenance(predictor)
+    depth = predictor.predict(rgb, points, intrinsics)
     if not np.isfinite(depth).all():
         raise UserInputError(f"the model returned non-finite depths at {int((~np.isfinite(depth)).sum())} points; "
                              "nothing written (is the model folder trained?)")

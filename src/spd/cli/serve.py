@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_image_pixels=args.max_image_pixels,
                     max_points=args.max_points, max_queue=args.max_queue, decode_workers=args.decode_workers)
     app = create_app(predictor, str(args.model), info, cache, limits)
+    from spd.cli.predict import say_provenance
+
+    say_provenance(predictor)  # once, at start
     print(f"spd serve: {args.model} on http://{args.host}:{args.port}/ ({predictor.device}, {predictor.dtype}); "
           "no authentication: put it behind your reverse proxy to expose it")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", limit_concurrency=args.max_connections)

@@ -45,6 +45,9 @@ class ModelConfig:
     # Pixel scale (spd/cameras/scale.py): long side of the frames the model was trained at; every
     # image is resized to it before the model. `spd train` writes it; None = unknown, read as 640.
     image_long_side: int | None = None
+    # Provenance (spd/data/provenance.py): the sets `spd train` fed the model, each {kind, frames, size,
+    # source}; None = unknown (saved before the field existed, or built in Python)
+    trained_on: list[dict] | None = None
     # --- ablation flags (DESIGN §8, the plan's §10.5) ------------------------------------------
     l3_dim: int | None = None  # None = native (384); 256 = project L3 in the neck ("L3 at 256")
     global_projection: bool = False  # v14-style: L3/L4 projected to d in the neck, identity V maps

@@ -16,6 +16,7 @@ Layout (like BTS NYU):
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -246,6 +247,9 @@ def generate(
     (out / "train_files.txt").write_text("".join(line + "\n" for line in lines[:n_train]))
     (out / "test_files.txt").write_text("".join(line + "\n" for line in lines[n_train:]))
     write_descriptions(out, lines[:n_train], lines[n_train:], camera, sparse, seed)
+    # What wrote this folder: `spd train` records models trained on it as trained on synthetic rooms
+    (out / "synth.json").write_text(json.dumps({"generator": "spd synth", "seed": seed, "size_hw": [height, width],
+                                                "train": n_train, "test": n_test}))
     # The RGB files alone, relative to OUT: unlabelled images for `spd distill label --images`
     (out / "train_images.txt").write_text("".join(f"{TRAIN_DIR}/{line.split()[0].lstrip('/')}\n" for line in lines[:n_train]))
     return out

@@ -66,7 +66,7 @@ def build_training_model(cfg: TrainConfig) -> torch.nn.Module:
 # May differ in --init-from: where the encoder's first weights came from, exact speed knobs, and the
 # canonical camera and pixel scale (the run says which camera and scale the fine-tuned model learns).
 ARCHITECTURE_INDEPENDENT = {"encoder_weights", "encoder_fast", "decoder_fast", "ldrm_fast", "canonical_focal",
-                            "image_long_side"}
+                            "image_long_side", "trained_on"}
 
 
 def init_weights_from(model: torch.nn.Module, folder: str) -> dict:
@@ -100,6 +100,19 @@ def record_pixel_scale(model: torch.nn.Module, train_set) -> None:
     model.config = dataclasses.replace(model.config, image_long_side=max(height, width))
 
 
+def record_training_data(model: torch.nn.Module, train_set, cfg: TrainConfig, data_root) -> None:
+    """An SPD model (or dense control) records what it is trained on (`spd.data.provenance`): every
+    set of the mix, plus the folder it was fine-tuned from."""
+    from spd.data.provenance import describe_training_data
+
+    if isinstance(model, (SPD, DenseControl)):
+        sources = [str(data_root), *(str(entry["dataset"]) for entry in cfg.data.mix)]
+        sets = describe_training_data(getattr(train_set, "parts", [train_set]), sources)
+        if cfg.init_from is not None:
+            sets.append({"kind": "fine-tuned from", "source": str(cfg.init_from)})
+        model.config = dataclasses.replace(model.config, trained_on=sets)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the model's groups. Fused: it skips a non-finite step on the device (`found_inf`)
     and keeps its step counts on the device, so an optimiser step never syncs with the host."""
@@ -121,6 +134,7 @@ def build_session(cfg: TrainConfig, data_root: str | Path, run_dir: Path, info: 
     model = build_training_model(cfg).to(info.device)
     source = init_weights_from(model, cfg.init_from) if cfg.init_from is not None else None  # before the folder is touched
     record_pixel_scale(model, train_set)
+    record_training_data(model, train_set, cfg, data_root)
     epochs = EpochPlan(train_set, cfg, info)
     total_steps = cfg.max_steps or cfg.epochs * epochs.steps_per_epoch
     net = DistributedDataParallel(model) if info.distributed else model

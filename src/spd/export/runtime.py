@@ -105,6 +105,7 @@ class OnnxPredictor(Predictor):
         self.canonical_focal = float(spd_config.get("canonical_focal", DEFAULT_CANONICAL_FOCAL))  # older exports: NYU's
         self.chunk_size, self.seed, self.buckets, self.long_side, self.resize = chunk_size, seed, None, None, resize
         self.compile_sizes = None  # one graph: nothing to choose between
+        self.trained_on = spd_config.get("trained_on")
         self._decode = self._run_decoder
 
     def _check_graphs(self) -> None:

@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from spd.allocator import release_free_memory
 from spd.errors import UserInputError
 from spd.predictor import ImageFeatures, PreparedImage, Predictor, backproject, check_points, grid_points
+from spd.data.provenance import summary
 from spd.serve import fields, schema
 from spd.serve.cache import FeatureCache
 from spd.serve.images import ImageRefused, decode_for_model
@@ -138,7 +139,8 @@ def _add_service_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/info", response_model=None, responses={200: {"model": schema.Info}})
     async def info() -> dict:
         predictor = state.predictor
-        return {"model": state.model_name, "config": state.model_info, "device": str(predictor.device),
+        return {"model": state.model_name, "trained_on": summary(getattr(predictor, "trained_on", None)),
+                "config": state.model_info, "device": str(predictor.device),
                 "dtype": predictor.dtype, "chunk_size": predictor.chunk_size, "cache": state.cache.stats(),
                 "limits": asdict(state.limits), "queues": {"decode": state.decoding.active, "model": state.model.active}}
 

@@ -47,6 +47,7 @@ class Health(BaseModel):
 
 class Info(BaseModel):
     model: str
+    trained_on: str = Field(description="what the model was trained on (kinds, frames, sizes), or unknown")
     config: dict
     device: str
     dtype: str

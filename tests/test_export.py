@@ -46,6 +46,23 @@ def test_onnx_runtime_matches_pytorch_on_real_frames(exported, tiny_model):
     assert worst <= 1e-4, worst
 
 
+def test_onnx_predict_batch_equals_per_image_predict(exported):
+    """Issue 42: two same-size images (which `Predictor.predict_batch` stacks into one encoder call, and
+    the batch-1 encoder graph refused) and two of different sizes, each exactly `predict`'s answer."""
+    from PIL import Image
+
+    predictor = spd.OnnxPredictor(exported[1])
+    same = [np.array(Image.open(FRAMES[0]).convert("RGB")), np.array(Image.open(FRAMES[1]).convert("RGB"))]
+    half = np.array(Image.open(FRAMES[2]).convert("RGB").resize((320, 240)))  # the export's aspect ratio, resized
+    rng = np.random.default_rng(0)
+    points = [rng.uniform([0, 0], [639, 479], size=(5, 2)), rng.uniform([0, 0], [639, 479], size=(3, 2)),
+              rng.uniform([0, 0], [319, 239], size=(4, 2))]
+    for images, sets in (((same[0], same[1]), points[:2]), ((same[0], half), (points[0], points[2]))):
+        batched = predictor.predict_batch(list(images), list(sets))
+        for image, query, depth in zip(images, sets, batched):
+            np.testing.assert_array_equal(depth, predictor.predict(image, query))
+
+
 @pytest.mark.parametrize("num_queries", [300, 1000])
 def test_one_decoder_call_takes_any_k(exported, tiny_model, num_queries):
     """The raw decoder graph, K queries in one call (no chunks; both forms of the canvas write), twice:

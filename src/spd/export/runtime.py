@@ -143,7 +143,20 @@ class OnnxPredictor(Predictor):
         return export_h, export_w
 
     def _encode_tensor(self, tensor: torch.Tensor) -> tuple[np.ndarray, ...]:
+        if tensor.shape[0] != 1:  # the exported graphs take one image (batch 1)
+            raise UserInputError(f"{self.folder}: the exported encoder takes one image per call, got {tensor.shape[0]}")
         return tuple(self._encoder.run(None, {"image": tensor.numpy()}))
+
+    def predict_batch(self, images, points_list, intrinsics_list=None) -> list[np.ndarray]:
+        """One depth array per (image, points[, intrinsics]): each image through the batch-1 graphs, so
+        every answer is exactly `predict`'s. (`Predictor.predict_batch` stacks same-size images into
+        one encoder call, which these graphs cannot take.)"""
+        if len(images) != len(points_list):
+            raise UserInputError(f"{len(images)} images but {len(points_list)} point sets")
+        if intrinsics_list is not None and len(intrinsics_list) != len(images):
+            raise UserInputError(f"{len(images)} images but {len(intrinsics_list)} intrinsics")
+        cameras = intrinsics_list if intrinsics_list is not None else [None] * len(images)
+        return [self.predict(image, points, camera) for image, points, camera in zip(images, points_list, cameras)]
 
     def _run_decoder(self, features, queries: torch.Tensor, mask: torch.Tensor, check_values: bool = False) -> torch.Tensor:
         table, keys, values = features

@@ -72,8 +72,10 @@ class PreparedImage:
 def image_to_uint8(image: ImageLike) -> np.ndarray:
     """Any supported image form -> (H, W, 3) uint8 RGB.
 
-    Accepts a file path, a PIL image (any mode), an (H, W, 3) or (H, W) uint8 array, or a tensor
-    (3, H, W) / (H, W, 3) that is uint8 or float in [0, 1].
+    Accepts a file path, a PIL image (any 8-bit mode), an (H, W, 3) or (H, W) uint8 array, or a tensor
+    (3, H, W) / (H, W, 3) that is uint8 or float in [0, 1]. Arrays and tensors are taken as **RGB**
+    channel order: an OpenCV image (BGR) must be converted first (`image[..., ::-1]` or
+    `cv2.cvtColor(image, cv2.COLOR_BGR2RGB)`); fed as BGR, depths change by 5-11 %.
     """
     if isinstance(image, (str, Path)):
         return read_rgb(image)

@@ -49,6 +49,8 @@ def read_text(path: str | Path) -> str:
 
 
 def _open(path: Path) -> Image.Image:
+    if path.is_dir():
+        raise DataError(path, "is a folder, not an image file")
     if not path.is_file():
         raise DataError(path, "file not found")
     try:

@@ -74,6 +74,10 @@ def training_set(root: Path, cfg: TrainConfig):
         return DescribedDepth(root, "train", **common)
     if not root.is_dir():
         raise DataLayoutError(f"data root not found: {root}")
+    if not (root / d.train_dir).is_dir() and d.train_list is None and not (root / "train_files.txt").is_file():
+        raise DataLayoutError(f"{root}: not an NYU-layout dataset (no {d.train_dir}/ folder, no train_files.txt): for "
+                              "your own images with depth labels write a dataset description (.yaml, docs/own-data.md); "
+                              "for images without labels, `spd distill label` makes one from a teacher")
     return NYUDepth(root / d.train_dir, resolve_split_list(root, d.train_list, "train"), split="train", **common)
 
 

@@ -121,8 +121,8 @@ def check_output_suffix(path: str | None, flag: str, suffixes: tuple[str, ...]) 
 
 
 def check_output_folder(path: str, flag: str) -> None:
-    """Before any work: a folder the command will create (or replace) must not be a file, and its parent
-    must be a folder that exists."""
+    """Before any work: a folder the command will create (with its missing parents) or replace must not
+    be a file, nor lie under one."""
     from pathlib import Path
 
     from spd.errors import UserInputError
@@ -130,7 +130,9 @@ def check_output_folder(path: str, flag: str) -> None:
     target = Path(path)
     if target.is_file():
         raise UserInputError(f"{flag} {path}: is a file; give a folder")
-    _check_parent(target, flag, path)
+    under_file = next((p for p in target.parents if p.is_file()), None)
+    if under_file is not None:
+        raise UserInputError(f"{flag} {path}: {under_file} is a file, not a folder")
 
 
 def check_depth_range(min_depth: float, max_depth: float) -> None:

@@ -166,7 +166,7 @@ def test_metrics_parse_and_count_the_requests_sent(predictor):
     assert (value("spd_cache_hits"), value("spd_cache_misses"), value("spd_cache_entries")) == (3, 1, 1)
     assert value("spd_cache_bytes") > 0
     depths = {s.labels["stage"]: s.value for s in families["spd_queue_depth"].samples}
-    assert depths == {"decode": 0, "model": 0}
+    assert depths == {"decode": 0, "model": 0, "parse": 0}
 
 
 @pytest.fixture(scope="module")

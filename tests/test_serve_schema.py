@@ -125,41 +125,51 @@ def test_any_form_fields_and_upload_get_an_answer_never_a_5xx(client, fields, up
 
 
 def test_a_json_body_is_parsed_off_the_event_loop_while_healthz_answers(tiny_model, monkeypatch):
-    """Issue 46: the JSON of a /v1/depth body is parsed in the decoding pool; while one parse is held
-    there, /healthz (on the event loop) is answered."""
+    """Issue 46: the JSON of a large /v1/depth body is parsed in a worker process through the parse
+    stage; while one parse is held there, /healthz (on the event loop) is answered, and the parse's
+    answer is the request's."""
     import asyncio
     import threading
 
     import httpx
 
-    from spd.serve import fields
+    from spd.serve import app as app_module
 
-    app = create_app(spd.Predictor(tiny_model), "tiny", {}, FeatureCache(2**26, 60.0), LIMITS)
+    app = app_module.create_app(spd.Predictor(tiny_model), "tiny", {}, FeatureCache(2**26, 60.0), Limits())
     held, release, parsed_on = threading.Event(), threading.Event(), []
-    real_parse = fields.parse_json_body
+    real_parse = app_module._parse_in_worker
+    large = {"image_id": "feed", "points": [[123.25, 45.5]] * (app_module.INLINE_PARSE_BYTES // 10)}
 
-    def held_parse(raw, limits):
+    def held_parse(state, parse_name, payload):
         parsed_on.append(threading.current_thread())
         held.set()
-        release.wait(30)
-        return real_parse(raw, limits)
+        release.wait(60)
+        return real_parse(state, parse_name, payload)  # the worker process's parse
 
-    monkeypatch.setattr(fields, "parse_json_body", held_parse)
+    monkeypatch.setattr(app_module, "_parse_in_worker", held_parse)
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://spd") as client:
-            depth = asyncio.create_task(client.post("/v1/depth", json={"image_id": "feed", "grid": 2}))
-            while not held.is_set():
+        async with httpx.AsyncClient(transport=transport, base_url="http://spd", timeout=120) as client:
+            depth = asyncio.create_task(client.post("/v1/depth", json=large))
+            for _ in range(3000):
+                if held.is_set():
+                    break
                 await asyncio.sleep(0.01)
             health = await client.get("/healthz")  # answered while the body's parse is still held
             still_held = not release.is_set()
             release.set()
             return health, still_held, await depth
 
-    health, still_held, depth = asyncio.run(scenario())
-    assert health.status_code == 200 and still_held
-    assert depth.status_code == 404  # parsed, queued, then the unknown id: the request went on normally
+    try:
+        health, still_held, depth = asyncio.run(scenario())
+    finally:
+        release.set()
+        state = app.state.spd
+        if state.parse_process is not None:
+            state.parse_process.shutdown()
+    assert held.is_set() and health.status_code == 200 and still_held
+    assert depth.status_code == 404, depth.text  # parsed in the worker, queued, then the unknown id
     assert parsed_on and parsed_on[0] is not threading.main_thread()
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from spd.cli import run_reporting_errors
@@ -131,7 +132,8 @@ def run(out: Path, n_a: int, n_b: int, n_c: int, seed: int, variants: list[str],
     result: dict = {"what": "synthetic study (procedural rooms, 120x160, random-init encoders); not an NYU result",
                     "machine": cpu_facts(), "sets": {"A": n_a, "B": n_b, "C": n_c, "size": list(SIZE)},
                     "recipe": "v15_tiny_synth (1200 steps, batch 8, K = 32), last checkpoint, eval.every_steps=0",
-                    "commands": {}, "models": {}}
+                    "command": " ".join(["python -m spd.experiments.distill", *sys.argv[1:]]), "commands": {},
+                    "models": {}}
     path = out / "distill_experiment.json"
 
     def save() -> None:

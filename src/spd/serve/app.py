@@ -11,6 +11,7 @@ Every bad input is a 4xx JSON `{"detail": "..."}` naming the problem (the first 
 never a 500. How the service stays up under hostile traffic:
 - bodies are limited while they stream in (`limits.BodyLimit`: 413 the moment the limit is passed);
 - images are decoded in a bounded pool of threads (`images.decode_for_model`), never on the event loop;
+- large JSON bodies are parsed in a worker process (`fields`), only their compact form queued;
 - the model runs on one thread of its own (its calls are serialised; on a CPU it uses every core);
 - each of those stages admits a bounded number of requests (`work.Stage`), beyond which 503 at once;
 - the event loop only parses and routes, so /healthz, /v1/info and /metrics never wait behind work.
@@ -54,6 +55,8 @@ class ServerState:
     decoding: Stage
     model: Stage
     metrics: ServiceMetrics
+    parsing: Stage | None = None  # large request bodies' JSON (`_parsed_fields`)
+    parse_process: Any = None  # its worker process (a ProcessPoolExecutor), started on first use
     trim_pending: bool = False  # a big image was decoded since freed memory was last handed back
 
 
@@ -66,18 +69,22 @@ def create_app(predictor: Predictor, model_name: str, model_info: dict, cache: F
     """The FastAPI app around one predictor. `model_info` is what /v1/info reports about the model."""
     decoding = Stage("decode", "decoding images", limits.decode_workers, limits.max_queue, low_priority=True)
     model = Stage("model", "waiting for the model", 1, limits.max_queue)
+    parsing = Stage("parse", "parsing large request bodies", 1, limits.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         decoding.shutdown()
         model.shutdown()
+        parsing.shutdown()
+        if state.parse_process is not None:
+            state.parse_process.shutdown(cancel_futures=True)
 
     app = FastAPI(title="SPD depth service", version="1", lifespan=lifespan,
                   description="Metric depth at the pixels you ask for: encode an image once, query points many times. "
                               "No authentication of its own: put it behind your reverse proxy.")
-    metrics = ServiceMetrics(cache, {"decode": decoding, "model": model})
-    state = ServerState(predictor, model_name, model_info, cache, limits, decoding, model, metrics)
+    metrics = ServiceMetrics(cache, {"decode": decoding, "model": model, "parse": parsing})
+    state = ServerState(predictor, model_name, model_info, cache, limits, decoding, model, metrics, parsing)
     app.state.spd = state
     app.add_middleware(BodyLimit, limits=limits)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, so it sees the 413s too
@@ -197,7 +204,8 @@ async def _depth_request(request: Request, state: ServerState) -> tuple[dict, by
     limits = state.limits
     kind = request.headers.get("content-type", "")
     if kind.startswith("application/json"):
-        return await state.decoding.run(fields.parse_json_body, await request.body(), limits), None
+        body = await request.body()
+        return await _parsed_fields(state, fields.parse_json_body, body, len(body)), None
     form = await _form(request, limits)
     texts: dict[str, str] = {}
     for name in fields.FIELD_NAMES:
@@ -208,7 +216,35 @@ async def _depth_request(request: Request, state: ServerState) -> tuple[dict, by
             raise _bad(400, f"form field {name!r} must be text, not a file")
         texts[name] = value
     upload = await _upload(form, limits) if form.get("image") is not None else None
-    return await state.decoding.run(fields.parse_form_fields, texts, limits), upload
+    size = sum(len(text) for text in texts.values())
+    return await _parsed_fields(state, fields.parse_form_fields, texts, size), upload
+
+
+# Bodies up to this size are parsed on the event loop (json.loads: well under a millisecond). Larger
+# ones (up to the JSON limit, ~3 MiB: ~56 ms and ~70 MiB of Python objects) go to a worker process
+# through the parse stage (bounded by its queue): json.loads holds the GIL throughout, so in a thread
+# it would still stall the event loop; in a process it stalls nothing, and its objects never live in
+# the server. They never wait behind image decodes: a normal client's request never queues at all.
+INLINE_PARSE_BYTES = 64 * 1024
+
+
+async def _parsed_fields(state: ServerState, parse, payload, size: int) -> dict:
+    if size <= INLINE_PARSE_BYTES or state.parsing is None:
+        return parse(payload, state.limits)
+    outcome = await state.parsing.run(_parse_in_worker, state, parse.__name__, payload)
+    if outcome[0] == "refused":
+        raise _bad(outcome[1], outcome[2])
+    return outcome[1]
+
+
+def _parse_in_worker(state: ServerState, parse_name: str, payload) -> tuple:
+    """On the parse stage's thread: the parse in the worker process (started on first use), its outcome."""
+    if state.parse_process is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        state.parse_process = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return state.parse_process.submit(fields.parse_outcome, parse_name, payload, state.limits).result()
 
 
 def _encode_and_cache(state: ServerState, prepared: PreparedImage) -> tuple[str | None, ImageFeatures, float]:

@@ -1,8 +1,9 @@
 """A /v1/depth request's fields, parsed and checked off the event loop, and kept only in compact form.
 
-`parse_json_body` (a JSON body) and `parse_form_fields` (a form's text fields) run in the service's
-decoding pool, never on the event loop: a 3 MiB body of `[{},{},...]` costs ~56 ms of `json.loads`,
-which would stall /healthz for everyone. What they return is what waits in the model's queue: the
+`parse_json_body` (a JSON body) and `parse_form_fields` (a form's text fields) run inline for small
+bodies and in a worker process for large ones (`app._parsed_fields`): a 3 MiB body of `[{},{},...]`
+costs ~56 ms of `json.loads`, which holds the GIL, so in the server (even in a thread) it would stall
+/healthz for everyone. What they return is what waits in the model's queue: the
 points as one float64 (K, 2) array (16 bytes a point), the grid as an int, the intrinsics as four
 floats. The parsed JSON (~30x its bytes in Python objects) is dropped before the request queues, and
 a malformed one is a 4xx before it queues at all. Every parsing error names its field.
@@ -58,6 +59,15 @@ def parse_form_fields(texts: dict[str, str], limits: Limits) -> dict:
     """A form's text fields (`image_id` as it is, the others JSON text) -> compact fields."""
     fields = {name: text if name == "image_id" else _loads(text, f"form field {name!r}") for name, text in texts.items()}
     return compact_fields(fields, limits)
+
+
+def parse_outcome(parse_name: str, payload, limits: Limits) -> tuple:
+    """`parse_json_body` / `parse_form_fields` as a picklable outcome, for a worker process:
+    ("ok", fields) or ("refused", status, detail) (an HTTPException does not survive pickling)."""
+    try:
+        return "ok", globals()[parse_name](payload, limits)
+    except HTTPException as err:
+        return "refused", err.status_code, err.detail
 
 
 def compact_fields(fields: dict, limits: Limits) -> dict:

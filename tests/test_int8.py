@@ -210,6 +210,6 @@ def test_int8_check_images_are_held_out_of_the_calibration():
 
     images = [Path(f"{i}.jpg") for i in range(10)]
     assert split_calibration(images, 6) == (images[:6], images[6:10])
-    assert split_calibration(images[:5], 6) == (images[:4], images[4:])  # a small folder: a fifth held out
+    assert split_calibration(images[:5], 6) == (images[:4], images[4:5])  # a small folder: a fifth held out
     with pytest.raises(UserInputError, match="at least 2"):
         split_calibration(images[:1], 6)

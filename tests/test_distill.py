@@ -194,6 +194,7 @@ def test_shards_and_torchrun_ranks_write_one_process_labels(tmp_path, hf_teacher
 
 def test_relative_teacher_is_aligned_per_image_or_refused(tmp_path, images, capsys):
     relative = _tiny_depth_anything(tmp_path / "da_relative", kind="relative")
+    capsys.readouterr()  # transformers' "Writing model shards" bar
     assert _label(images / "images.txt", relative, tmp_path / "refused") == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "relative disparity" in error[0] and "--align" in error[0]

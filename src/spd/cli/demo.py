@@ -22,12 +22,11 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import shlex
-    import sys
 
     from spd.experiments.demo import run_demo
 
     # the command that continues it, as typed (the demo resumes whenever --out holds its run)
-    words = [w for w in sys.argv[1:] if w not in ("--resume", "--debug")] if "demo" in sys.argv[1:] else ["demo"]
+    words = [w for w in getattr(args, "argv", ["demo"]) if w not in ("--resume", "--debug")]
     hint = "continue with: spd " + " ".join(shlex.quote(w) for w in words)
     run_demo(args.out, args.n_train, args.n_test, args.size, args.max_steps, args.seed, resume_hint=hint)
     return 0

@@ -72,7 +72,7 @@ def run_label(args: argparse.Namespace) -> int:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     images = list_images(args.images, args.skip_unreadable)
     teacher = load_teacher(args.teacher, device, args.dtype, args.teacher_space)
-    job = LabelJob(images, teacher, out, settings, shard, args.align, command_line(sys.argv[1:]), rank, world)
+    job = LabelJob(images, teacher, out, settings, shard, args.align, command_line(args.argv), rank, world)
     claim_output(out, job.manifest, write=rank == 0)  # before any label; a foreign folder is refused here
     if world > 1:
         dist.barrier()  # the manifest exists before any rank writes a label

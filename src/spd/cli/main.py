@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     end in one line `spd <command>: error: <message>` and their exit code (`spd.errors`); a bug keeps
     its traceback. `--debug` or SPD_DEBUG=1 shows the traceback of the project's errors too."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for manifests and hints
     debug = args.debug or os.environ.get("SPD_DEBUG") == "1"
     command = args.command + (f" {args.data_command}" if getattr(args, "data_command", None) else "")
 

@@ -306,19 +306,16 @@ class LabelJob:
 
 
 def command_line(argv: list[str]) -> str:
-    """The command as a user would retype it, without the shard (the same for every shard of a job)."""
+    """`spd` + the command's arguments as given, without `--shard` (the same for every shard of a job)."""
     words, skip = [], False
     for word in argv:
-        if skip:
+        if skip or word.startswith("--shard="):
             skip = False
             continue
-        if word == "--shard":
-            skip = True
-            continue
-        if word.startswith("--shard="):
-            continue
-        words.append(word)
-    return " ".join(["spd", "distill", "label", *words]) if words[:2] != ["distill", "label"] else " ".join(["spd", *words])
+        skip = word == "--shard"
+        if not skip:
+            words.append(word)
+    return " ".join(["spd", *words])
 
 
 def environment_rank() -> tuple[int, int]:
